@@ -1,0 +1,191 @@
+#include "layernorm.h"
+
+#include <cmath>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "dtype.h"
+
+namespace gptkernels {
+namespace {
+
+int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Row statistics from an fp32 row buffer. Two passes (mean, then squared deviations) so a large mean does not
+// cancel the variance the way E[x^2] - E[x]^2 would.
+inline void row_stats(const float* buf, int64_t N, float eps, bool rms, float* mean_out, float* rstd_out) {
+  if (rms) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < N; ++j) ss += buf[j] * buf[j];
+    *mean_out = 0.f;
+    *rstd_out = 1.0f / std::sqrt(ss / float(N) + eps);
+    return;
+  }
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < N; ++j) s += buf[j];
+  const float mu = s / float(N);
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < N; ++j) {
+    const float d = buf[j] - mu;
+    ss += d * d;
+  }
+  *mean_out = mu;
+  *rstd_out = 1.0f / std::sqrt(ss / float(N) + eps);
+}
+
+template <typename T>
+void fwd_impl(const T* x, const T* residual, const float* weight, const float* bias, T* y, T* h, float* mean,
+              float* rstd, int64_t M, int64_t N, float eps, bool rms) {
+#pragma omp parallel
+  {
+    std::vector<float> buf(N);  // one staged row per thread
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M; ++i) {
+      const T* xr = x + i * N;
+      if (residual) {
+        const T* rr = residual + i * N;
+        T* hr = h + i * N;
+        for (int64_t j = 0; j < N; ++j) {
+          const T hv = from_float<T>(to_float(xr[j]) + to_float(rr[j]));  // round like the reference's x + r
+          hr[j] = hv;
+          buf[j] = to_float(hv);
+        }
+      } else {
+        for (int64_t j = 0; j < N; ++j) buf[j] = to_float(xr[j]);
+      }
+      float mu, rs;
+      row_stats(buf.data(), N, eps, rms, &mu, &rs);
+      if (mean && !rms) mean[i] = mu;
+      rstd[i] = rs;
+      float* b = buf.data();
+      if (bias) {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) b[j] = (b[j] - mu) * rs * weight[j] + bias[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) b[j] = (b[j] - mu) * rs * weight[j];
+      }
+      T* yr = y + i * N;
+      for (int64_t j = 0; j < N; ++j) yr[j] = from_float<T>(b[j]);
+    }
+  }
+}
+
+template <typename T>
+void bwd_impl(const T* dy, const T* dh, const T* hin, const float* weight, const float* mean, const float* rstd,
+              T* dx, float* dw, float* db, int64_t M, int64_t N, bool rms) {
+  const int nt = num_threads();
+  // Per-thread fp32 partial sums of dw and db, reduced at the end in a fixed order (deterministic for a given
+  // thread count).
+  std::vector<float> partial(size_t(nt) * size_t(2 * N), 0.f);
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> xhat(N), g(N);
+    float* pdw = partial.data() + size_t(thread_id()) * size_t(2 * N);
+    float* pdb = pdw + N;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M; ++i) {
+      const T* hr = hin + i * N;
+      const T* dyr = dy + i * N;
+      const float mu = rms ? 0.f : mean[i];
+      const float rs = rstd[i];
+      float* xh = xhat.data();
+      float* gg = g.data();
+      for (int64_t j = 0; j < N; ++j) {
+        xh[j] = (to_float(hr[j]) - mu) * rs;
+        gg[j] = to_float(dyr[j]);
+      }
+      float c1 = 0.f, c2 = 0.f;  // sum(wdy * xhat), sum(wdy)
+#pragma omp simd reduction(+ : c1, c2)
+      for (int64_t j = 0; j < N; ++j) {
+        const float wdy = weight[j] * gg[j];
+        c1 += wdy * xh[j];
+        c2 += wdy;
+        pdw[j] += gg[j] * xh[j];
+        pdb[j] += gg[j];
+      }
+      c1 /= float(N);
+      c2 = rms ? 0.f : c2 / float(N);
+      T* dxr = dx + i * N;
+      const T* dhr = dh ? dh + i * N : nullptr;
+      for (int64_t j = 0; j < N; ++j) {
+        float v = rs * (weight[j] * gg[j] - c2 - xh[j] * c1);
+        if (dhr) v += to_float(dhr[j]);
+        dxr[j] = from_float<T>(v);
+      }
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < N; ++j) {
+    float sw = 0.f, sb = 0.f;
+    for (int t = 0; t < nt; ++t) {
+      sw += partial[size_t(t) * size_t(2 * N) + j];
+      sb += partial[size_t(t) * size_t(2 * N) + N + j];
+    }
+    dw[j] = sw;
+    if (db) db[j] = sb;
+  }
+}
+
+}  // namespace
+
+void layernorm_fwd_cpu(DType dtype, const void* x, const void* residual, const float* weight, const float* bias,
+                       void* y, void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps, bool rms) {
+  switch (dtype) {
+    case DType::kFloat32:
+      fwd_impl<float>(static_cast<const float*>(x), static_cast<const float*>(residual), weight, bias,
+                      static_cast<float*>(y), static_cast<float*>(h), mean, rstd, M, N, eps, rms);
+      break;
+    case DType::kFloat16:
+      fwd_impl<half_t>(static_cast<const half_t*>(x), static_cast<const half_t*>(residual), weight, bias,
+                       static_cast<half_t*>(y), static_cast<half_t*>(h), mean, rstd, M, N, eps, rms);
+      break;
+    case DType::kBFloat16:
+      fwd_impl<bf16_t>(static_cast<const bf16_t*>(x), static_cast<const bf16_t*>(residual), weight, bias,
+                       static_cast<bf16_t*>(y), static_cast<bf16_t*>(h), mean, rstd, M, N, eps, rms);
+      break;
+  }
+}
+
+void layernorm_bwd_cpu(DType dtype, const void* dy, const void* dh, const void* hin, const float* weight,
+                       const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t M, int64_t N,
+                       bool rms) {
+  switch (dtype) {
+    case DType::kFloat32:
+      bwd_impl<float>(static_cast<const float*>(dy), static_cast<const float*>(dh), static_cast<const float*>(hin),
+                      weight, mean, rstd, static_cast<float*>(dx), dw, db, M, N, rms);
+      break;
+    case DType::kFloat16:
+      bwd_impl<half_t>(static_cast<const half_t*>(dy), static_cast<const half_t*>(dh),
+                       static_cast<const half_t*>(hin), weight, mean, rstd, static_cast<half_t*>(dx), dw, db, M, N,
+                       rms);
+      break;
+    case DType::kBFloat16:
+      bwd_impl<bf16_t>(static_cast<const bf16_t*>(dy), static_cast<const bf16_t*>(dh),
+                       static_cast<const bf16_t*>(hin), weight, mean, rstd, static_cast<bf16_t*>(dx), dw, db, M, N,
+                       rms);
+      break;
+  }
+}
+
+}  // namespace gptkernels

@@ -1,0 +1,211 @@
+"""Backend selection: the only place a backend is chosen, and where the reason is recorded.
+
+Order: the ``backend=`` argument, then ``GPTKERNELS_BACKEND``, then automatic. Automatic never raises: it walks
+the device's preference list and takes the first backend that can run this call. An explicitly requested backend
+that cannot run raises :class:`BackendUnavailableError` naming the reason. ``explain()`` shows what ran last.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+# Preference per device type. The Triton interpreter (CPU tensors with TRITON_INTERPRET=1) exists for testing
+# and is never picked automatically.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_LAST: dict[str, tuple[str, str]] = {}  # public op name -> (backend, why)
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    try:
+        from gptkernels import _C  # noqa: F401  (loading registers the gptkernels:: C++ ops)
+
+        return _C, None
+    except ImportError as e:  # a missing or broken build is reported by info() and every cpu/cuda choice
+        return None, f"extension gptkernels._C failed to import ({e}); reinstall with `pip install -e .`"
+
+
+def extension():
+    """The compiled module ``gptkernels._C``, or None if it failed to import."""
+    return _load_extension()[0]
+
+
+def build_info() -> dict:
+    ext, err = _load_extension()
+    if ext is None:
+        return {"error": err, "cuda": False, "cuda_archs": "", "cuda_runtime_version": 0, "openmp": False}
+    return dict(ext.build_info())
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error():
+    try:
+        import triton  # noqa: F401
+
+        return None
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _sm(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _archs_str(info: dict) -> str:
+    archs = [a for a in info.get("cuda_archs", "").replace(",", ";").split(";") if a]
+    return ",".join("sm_" + a.replace(".", "") for a in archs) or "none"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_reason(index: int):
+    ext = extension()
+    code, msg = ext.cuda_probe(index)
+    if code == 0:
+        return None
+    dev = torch.device("cuda", index)
+    return f"compiled for {_archs_str(build_info())}; cuda:{index} is {_sm(dev)} ({msg})"
+
+
+def backend_reason(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device`` on this machine, else a one-line reason."""
+    device = torch.device(device)
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            return None if interpret_mode() else "CPU tensors need TRITON_INTERPRET=1 (the interpreter, for testing)"
+        return f"no Triton target for device {device.type}"
+    if backend in ("cpu", "cuda"):
+        ext, err = _load_extension()
+        if ext is None:
+            return err
+        if backend == "cpu":
+            return None if device.type == "cpu" else f"runs on CPU tensors; input is on {device}"
+        info = build_info()
+        if not info["cuda"]:
+            return "this build has no CUDA kernels (built without nvcc or CUDA torch, or with GPTKERNELS_CUDA=0)"
+        if device.type != "cuda":
+            return f"compiled for {_archs_str(info)}; input is on {device}, not a CUDA device"
+        return _cuda_device_reason(device.index if device.index is not None else torch.cuda.current_device())
+    raise ValueError(f"backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+
+
+def _requested(backend: str | None) -> tuple[str, str]:
+    if backend is not None:
+        return backend, "backend= argument"
+    env = os.environ.get("GPTKERNELS_BACKEND", "").strip()
+    if env:
+        return env, "GPTKERNELS_BACKEND"
+    return "auto", "automatic"
+
+
+def select(op: str, device: torch.device, backend: str | None = None, supports=None) -> str:
+    """Choose the backend for one call of ``op`` on ``device`` and record why.
+
+    ``supports(backend) -> str | None`` gives the op's own limits (dtype, shape, head dim) for this call.
+    """
+    requested, source = _requested(backend)
+    if requested != "auto" and requested not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {requested!r} (from {source}); choose one of "
+                         f"{', '.join(BACKENDS)} or 'auto'")
+
+    def reason(b):
+        return backend_reason(b, device) or (supports(b) if supports is not None else None)
+
+    if requested != "auto":
+        why = reason(requested)
+        if why is not None:
+            raise BackendUnavailableError(f"{op}: backend {requested!r} (from {source}) cannot run: "
+                                          f"{requested}: {why}")
+        _LAST[op] = (requested, f"requested by {source}")
+        return requested
+    order = AUTO_ORDER.get(torch.device(device).type, ("torch",))
+    skipped = []
+    for b in order:
+        why = reason(b)
+        if why is None:
+            note = f"auto on {torch.device(device).type}: first usable of {', '.join(order)}"
+            if skipped:
+                note += "; skipped " + "; ".join(skipped)
+            _LAST[op] = (b, note)
+            return b
+        skipped.append(f"{b}: {why}")
+    raise AssertionError("unreachable: the torch backend always runs")  # torch's reason() is always None
+
+
+def dtype_support(dtype: torch.dtype, backend: str) -> str | None:
+    """The common dtype rule of the kernel backends (the torch reference takes any float dtype)."""
+    if backend == "torch" or dtype in KERNEL_DTYPES:
+        return None
+    return f"dtype {dtype} not supported; supported: float32, float16, bfloat16"
+
+
+def last(op: str) -> tuple[str, str] | None:
+    """(backend, why) of the last call of ``op``, or None if it has not run."""
+    return _LAST.get(op)
+
+
+def explain() -> str:
+    """Which backend ran for the last call of each op, and why, as a printable table."""
+    if not _LAST:
+        return "no gptkernels op has run yet in this process"
+    width = max(len(k) for k in _LAST)
+    return "\n".join(f"{op:<{width}}  {b:<6}  {why}" for op, (b, why) in sorted(_LAST.items()))
+
+
+def info() -> dict:
+    """Versions, what the build contains, and which backends can run on this machine (with reasons)."""
+    from gptkernels._version import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    usable = {}
+    for dev in devices:
+        usable[str(dev)] = {b: backend_reason(b, dev) for b in BACKENDS}
+    b = build_info()
+    return {
+        "gptkernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "triton_interpret": interpret_mode(),
+        "build": b,
+        "compiled_backends": {
+            "cpu": b.get("error") is None,
+            "cuda": _archs_str(b) if b.get("cuda") else False,
+            "triton": "JIT at first call" if triton_version else False,
+            "torch": "eager reference",
+        },
+        "gpus": [f"cuda:{i} {torch.cuda.get_device_name(i)} ({_sm(torch.device('cuda', i))})"
+                 for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+        "usable": usable,
+    }

@@ -1,0 +1,103 @@
+"""Builds gptkernels._C: the C++ CPU kernels always, the CUDA kernels whenever nvcc and a CUDA build of torch exist.
+
+Environment:
+  GPTKERNELS_CUDA=0|1        0 skips the CUDA sources; 1 requires them (the build fails without nvcc or CUDA torch).
+                             Unset: build them when possible and say so either way.
+  TORCH_CUDA_ARCH_LIST       target archs, default "8.0;9.0" (sm_80, sm_90).
+  MAX_JOBS                   parallel compile jobs (ninja).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def log(msg):
+    print(f"[gptkernels setup] {msg}", file=sys.stderr)
+
+
+def version():
+    with open(os.path.join(ROOT, "gptkernels", "_version.py")) as f:
+        scope = {}
+        exec(f.read(), scope)
+        return scope["__version__"]
+
+
+def nvidia_include_dirs():
+    """Headers of pip's CUDA packages (cusparse.h, cublas_v2.h, ...) that torch's CUDA headers include."""
+    dirs = []
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))  # CUDA 13 wheels: nvidia/cu13/include
+            dirs += sorted(glob.glob(os.path.join(base, "*", "include")))  # CUDA 12 wheels: nvidia/<lib>/include
+    except ImportError:
+        pass
+    return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
+
+
+def want_cuda(torch, cpp_extension):
+    flag = os.environ.get("GPTKERNELS_CUDA", "").strip()
+    if flag == "0":
+        return False, "GPTKERNELS_CUDA=0"
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is not a CUDA build")
+    if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        reasons.append("nvcc not found (set CUDA_HOME)")
+    if reasons:
+        if flag == "1":
+            raise RuntimeError("GPTKERNELS_CUDA=1 but CUDA cannot be built: " + "; ".join(reasons))
+        return False, "; ".join(reasons)
+    return True, f"nvcc in {cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}"
+
+
+def extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    with_cuda, why = want_cuda(torch, cpp_extension)
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/ops/*.cpp")) + sorted(glob.glob("csrc/kernels/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]  # torch.utils.cpp_extension picks the C++ standard torch needs (C++20 for 2.14)
+    define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    kwargs = {}
+    if with_cuda:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch.utils.cpp_extension
+        sources += sorted(glob.glob("csrc/kernels/cuda/*.cu"))
+        define_macros += [("GPTKERNELS_WITH_CUDA", None), ("GPTKERNELS_CUDA_ARCHS", f'"{archs}"')]
+        include_dirs += nvidia_include_dirs()
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}
+        ext_cls = cpp_extension.CUDAExtension
+        log(f"building CPU + CUDA kernels for archs {archs} ({why})")
+    else:
+        kwargs["extra_compile_args"] = {"cxx": cxx}
+        ext_cls = cpp_extension.CppExtension
+        log(f"building CPU kernels only; CUDA skipped: {why}")
+    ext = ext_cls(
+        name="gptkernels._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_link_args=["-fopenmp"],
+        **kwargs,
+    )
+    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = extensions()
+
+setup(
+    name="gptkernels",
+    version=version(),
+    packages=find_packages(include=["gptkernels", "gptkernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+)
