@@ -7,7 +7,6 @@ that cannot run raises :class:`BackendUnavailableError` naming the reason. ``exp
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 
@@ -20,14 +19,26 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _LAST: dict[str, tuple[str, str]] = {}  # public op name -> (backend, why)
+# Machine facts, computed once. Plain dicts rather than functools caches: torch.compile traces select() and
+# warns on lru_cache-wrapped calls.
+_CACHE: dict = {}
+
+
+def _cached(key, compute):
+    if key not in _CACHE:
+        _CACHE[key] = compute()
+    return _CACHE[key]
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call."""
 
 
-@functools.lru_cache(maxsize=None)
 def _load_extension():
+    return _cached("ext", _import_extension)
+
+
+def _import_extension():
     try:
         from gptkernels import _C  # noqa: F401  (loading registers the gptkernels:: C++ ops)
 
@@ -48,8 +59,11 @@ def build_info() -> dict:
     return dict(ext.build_info())
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_import_error():
+    return _cached("triton", _import_triton)
+
+
+def _import_triton():
     try:
         import triton  # noqa: F401
 
@@ -72,8 +86,11 @@ def _archs_str(info: dict) -> str:
     return ",".join("sm_" + a.replace(".", "") for a in archs) or "none"
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_device_reason(index: int):
+    return _cached(("cuda", index), lambda: _probe_cuda(index))
+
+
+def _probe_cuda(index: int):
     ext = extension()
     code, msg = ext.cuda_probe(index)
     if code == 0:
@@ -200,7 +217,7 @@ def info() -> dict:
         "triton_interpret": interpret_mode(),
         "build": b,
         "compiled_backends": {
-            "cpu": b.get("error") is None,
+            "cpu": "C++ kernels (OpenMP)" if b.get("error") is None else False,
             "cuda": _archs_str(b) if b.get("cuda") else False,
             "triton": "JIT at first call" if triton_version else False,
             "torch": "eager reference",

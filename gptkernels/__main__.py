@@ -1,0 +1,3 @@
+from gptkernels.cli import main
+
+raise SystemExit(main())
