@@ -42,6 +42,21 @@ def nvidia_include_dirs():
     return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
 
 
+def find_cuda_home():
+    """CUDA_HOME for torch.utils.cpp_extension, which must be set before that module is imported.
+
+    cpp_extension guesses it from `which nvcc`; a wrapper script such as /usr/local/bin/nvcc would make it guess
+    /usr/local. Prefer an explicit CUDA_HOME/CUDA_PATH, then /usr/local/cuda, then the guess.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return
+    for cand in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.exists(os.path.join(cand, "include")):
+            os.environ["CUDA_HOME"] = cand
+            return
+
+
 def want_cuda(torch, cpp_extension):
     flag = os.environ.get("GPTKERNELS_CUDA", "").strip()
     if flag == "0":
@@ -59,6 +74,7 @@ def want_cuda(torch, cpp_extension):
 
 
 def extensions():
+    find_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
@@ -73,7 +89,11 @@ def extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch.utils.cpp_extension
         sources += sorted(glob.glob("csrc/kernels/cuda/*.cu"))
         define_macros += [("GPTKERNELS_WITH_CUDA", None), ("GPTKERNELS_CUDA_ARCHS", f'"{archs}"')]
-        include_dirs += nvidia_include_dirs()
+        # -idirafter: searched after the toolkit's own include dir, so pip's partial copies of cuda_runtime.h etc.
+        # never shadow nvcc's; only headers the toolkit lacks (cusparse.h, ...) come from there. The .cu files
+        # include no torch headers, so nvcc needs none of these.
+        for d in nvidia_include_dirs():
+            cxx += ["-idirafter", d]
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}
         ext_cls = cpp_extension.CUDAExtension
         log(f"building CPU + CUDA kernels for archs {archs} ({why})")
