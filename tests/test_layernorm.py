@@ -81,6 +81,10 @@ def _check_all(backend, device, shape, dtype, residual, bias, rms, wdtype=None, 
 
 
 def _skip_slow_interp(backend, device, shape, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        # triton 3.8's interpreter casts fp32 -> bf16 by truncation (runtime/interpreter.py cast_impl), not by
+        # round-to-nearest-even as the GPU does, so its bf16 results carry an extra ulp the bound cannot allow.
+        pytest.skip("Triton interpreter truncates fp32->bf16; bf16 Triton runs in the gpu-marked tests")
     if backend == "triton" and device == "cpu" and shape[-1] > BIG and dtype != torch.float32:
         pytest.skip("Triton interpreter: widest rows are checked in fp32 only (time); all dtypes run on the GPU")
 
@@ -99,8 +103,9 @@ def test_norm_matches_fp64(bd, dtype, shape, residual, rms):
 @pytest.mark.parametrize("bd", backend_params())
 def test_no_bias_fp32_weight_and_no_weight(bd):
     backend, device = bd
-    # fp32 master weights with bf16 activations (mixed precision), no bias
-    _check_all(backend, device, (5, 96), torch.bfloat16, residual=True, bias=False, rms=False, wdtype=torch.float32)
+    # fp32 master weights with 16-bit activations (mixed precision), no bias; bf16 except in the interpreter
+    act = torch.float16 if (backend, device) == ("triton", "cpu") else torch.bfloat16
+    _check_all(backend, device, (5, 96), act, residual=True, bias=False, rms=False, wdtype=torch.float32)
     x = torch.randn(4, 33, device=device)
     y = gptkernels.layer_norm(x, None, backend=backend)
     assert_close(y, F.layer_norm(x.double().cpu(), (33,)), name="y (no weight)")
