@@ -28,7 +28,8 @@ def cmd_info(args) -> int:
     else:
         cuda = (f"CUDA runtime {b['cuda_runtime_version'] // 1000}.{b['cuda_runtime_version'] % 1000 // 10}, "
                 f"archs {info['compiled_backends']['cuda']}" if b["cuda"] else "no CUDA kernels in this build")
-        print(f"extension  gptkernels._C ({b['compiler']}, OpenMP {'on, ' + str(b['openmp_max_threads']) + ' threads' if b['openmp'] else 'off'}; {cuda})")
+        omp = f"on, {b['openmp_max_threads']} threads" if b["openmp"] else "off"
+        print(f"extension  gptkernels._C ({b['compiler']}, OpenMP {omp}; {cuda})")
     print("gpus       " + (", ".join(info["gpus"]) if info["gpus"] else "none visible"))
     print("\ncompiled backends:")
     for name, what in info["compiled_backends"].items():

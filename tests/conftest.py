@@ -86,5 +86,6 @@ def assert_close(out, ref, eager=None, name="out", fp32_bound=1e-5, atol=0.0, dt
                                          f"1 ulp {ulp:.3e}) + 1e-5 ({dtype})")
     else:
         err = rel_err(out, ref)
-        assert err <= fp32_bound or max_err(out, ref) <= atol, f"{name}: rel err {err:.3e} > {fp32_bound:.0e} ({out.dtype})"
+        ok = err <= fp32_bound or max_err(out, ref) <= atol
+        assert ok, f"{name}: rel err {err:.3e} > {fp32_bound:.0e} ({out.dtype})"
 

@@ -166,7 +166,7 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(gptkernels.BackendUnavailableError, match="cuda"):
             gptkernels.layer_norm(x, torch.ones(8), backend="cuda")
     # the torch reference takes float64; auto falls back to it and says why
-    y = gptkernels.layer_norm(x.double(), torch.ones(8, dtype=torch.float64))
+    gptkernels.layer_norm(x.double(), torch.ones(8, dtype=torch.float64))
     backend, why = gptkernels.last("layer_norm")
     assert backend == "torch" and "float64 not supported" in why
 
