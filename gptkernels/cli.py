@@ -1,4 +1,4 @@
-"""``python -m gptkernels <command>``: info (what this install contains and can run)."""
+"""``python -m gptkernels <command>``: info (what this install contains and can run), bench (the benchmark suite)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("info", help="versions, compiled backends, and which backends can run here (with reasons)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+    from gptkernels.bench import cli as bench_cli
+
+    p = sub.add_parser("bench", help="benchmark every kernel against eager PyTorch and torch.compile",
+                       description=bench_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_cli.add_arguments(p)
+    p.set_defaults(func=bench_cli.run)
     args = parser.parse_args(argv)
     return args.func(args)
 

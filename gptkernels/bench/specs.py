@@ -1,0 +1,277 @@
+"""The benchmarked ops and the shape presets, named after real models.
+
+Presets (C = model width, H = heads, T = context):
+    gpt2      C=768,  H=12, T=1024
+    gpt2-xl   C=1600, H=25, T=1024
+    llama-7b  C=4096, H=32, T=4096
+    standard  (16384, 4096) rows x columns, the GPU shape for norms and plain softmax (any device, not scaled)
+    tiny      a few KB, for tests
+
+Norms run on (tokens, C): 16384 tokens per step on CUDA (e.g. 16 x 1024), 1024 on CPU. Attention-score softmax
+runs on (B, H, Tq, T): on CUDA Tq = T and B = 16384 // T tokens' worth, cut so one tensor stays <= 2**28 elements
+(llama-7b: B=1); on CPU at most ~4M elements (gpt2: 4 of its 12 heads; llama-7b, plain softmax: 1024 query rows of
+one head; causal keeps Tq = T). The row length, which is what a kernel's design depends on, is never cut; the shape
+in each result row is the one that ran.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+from gptkernels.bench.registry import OpSpec, Placeholder, register_op
+
+MODELS = {  # name: (C, H, T)
+    "gpt2": (768, 12, 1024),
+    "gpt2-xl": (1600, 25, 1024),
+    "llama-7b": (4096, 32, 4096),
+}
+STANDARD = (16384, 4096)
+PRESETS = tuple(MODELS) + ("standard", "tiny")
+DEFAULT_PRESETS = {"cpu": ("gpt2", "gpt2-xl", "llama-7b"), "cuda": ("standard", "gpt2", "gpt2-xl", "llama-7b")}
+QUICK_PRESETS = {"cpu": ("gpt2",), "cuda": ("standard",)}
+CPU_ELEMENTS = 4 << 20  # per-tensor cap on CPU for attention scores
+CUDA_TOKENS = 16384
+CPU_TOKENS = 1024
+CUDA_SCORE_ELEMENTS = 1 << 28
+SCALE = 0.125  # 1/sqrt(head_dim 64), the softmax scale of gpt2 and llama-7b
+LN_EPS, RMS_EPS = 1e-5, 1e-6
+
+
+def parse_shape(text: str) -> tuple | None:
+    """'4096x768' -> (4096, 768); None if ``text`` is not an explicit shape."""
+    return tuple(int(d) for d in text.split("x")) if re.fullmatch(r"\d+(x\d+)*", text) else None
+
+
+def _rows(shape) -> int:
+    return math.prod(shape[:-1])
+
+
+# ------------------------------------------------------------------------------------------------- shapes
+def _norm_shape(preset, device_type):
+    if preset == "tiny":
+        return (33, 96)
+    if preset == "standard":
+        return STANDARD
+    c, _, _ = MODELS[preset]
+    return (CUDA_TOKENS if device_type == "cuda" else CPU_TOKENS, c)
+
+
+def _score_shape(preset, device_type):
+    """(B, H, T, T) attention scores of a model preset."""
+    _, h, t = MODELS[preset]
+    if device_type == "cuda":
+        b = max(1, min(CUDA_TOKENS // t, CUDA_SCORE_ELEMENTS // (h * t * t)))
+        return (b, h, t, t)
+    return (1, max(1, min(h, CPU_ELEMENTS // (t * t))), t, t)
+
+
+def _softmax_shape(preset, device_type):
+    """Attention-score rows; on CPU the query rows are cut too (to Tq <= T) so llama-7b stays ~4M elements."""
+    if preset == "tiny":
+        return (33, 80)
+    if preset == "standard":
+        return STANDARD
+    b, h, t, _ = _score_shape(preset, device_type)
+    if device_type == "cuda":
+        return (b, h, t, t)
+    return (b, h, max(1, min(t, CPU_ELEMENTS // (h * t))), t)
+
+
+def _causal_shape(preset, device_type):
+    if preset == "tiny":
+        return (1, 2, 24, 24)
+    if preset == "standard":
+        return None  # causal masking needs a (T, T) score matrix; the standard shape is a plain row batch
+    return _score_shape(preset, device_type)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def _randn(shape, dtype, device, gen, std=1.0, mean=0.0):
+    """Fresh normal values drawn in fp32 then rounded to ``dtype`` (never zeros, never a constant)."""
+    return (torch.randn(shape, device=device, generator=gen) * std + mean).to(dtype)
+
+
+def _norm_inputs(residual, bias):
+    def make(shape, dtype, device, gen):
+        n = shape[-1]
+        d = {"x": _randn(shape, dtype, device, gen, 2.0, 0.5)}
+        if residual:
+            d["residual"] = _randn(shape, dtype, device, gen)
+        d["weight"] = _randn((n,), dtype, device, gen, 0.1, 1.0)
+        if bias:
+            d["bias"] = _randn((n,), dtype, device, gen, 0.1)
+        return d
+
+    return make
+
+
+def _softmax_inputs(shape, dtype, device, gen):
+    return {"x": _randn(shape, dtype, device, gen, 8.0)}  # scaled logits ~ N(0, 1)
+
+
+def _causal_inputs(shape, dtype, device, gen):
+    t, n = shape[-2:]
+    keep = torch.ones(t, n, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(t, n, device=device).masked_fill(~keep, float("-inf")).to(dtype)  # (T, N) additive
+    return {"x": _randn(shape, dtype, device, gen, 8.0), "mask": mask}
+
+
+# ------------------------------------------------------------------------- eager (what a user would write)
+def _ln_eager(x, weight, bias):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, LN_EPS)
+
+
+def _ln_res_eager(x, residual, weight, bias):
+    h = x + residual
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, LN_EPS), h
+
+
+def _rms_eager(x, weight):
+    return F.rms_norm(x, (x.shape[-1],), weight, RMS_EPS)
+
+
+def _rms_res_eager(x, residual, weight):
+    h = x + residual
+    return F.rms_norm(h, (h.shape[-1],), weight, RMS_EPS), h
+
+
+def _softmax_eager(x):
+    return torch.softmax(x * SCALE, dim=-1)
+
+
+def _causal_eager(x, mask):
+    return torch.softmax(x * SCALE + mask, dim=-1)
+
+
+# ------------------------------------------------------------------------------- references (run in fp64)
+def _ln_ref(x, weight, bias, residual=None):
+    from gptkernels.ops.layernorm import layer_norm_ref
+
+    return layer_norm_ref(x, weight, bias, LN_EPS, residual)
+
+
+def _rms_ref(x, weight, residual=None):
+    from gptkernels.ops.layernorm import rms_norm_ref
+
+    return rms_norm_ref(x, weight, RMS_EPS, residual)
+
+
+def _softmax_ref(x):
+    from gptkernels.ops.softmax import softmax_ref
+
+    return softmax_ref(x, SCALE)
+
+
+def _causal_ref(x, mask):
+    from gptkernels.ops.softmax import softmax_ref
+
+    return softmax_ref(x, SCALE, causal=True)
+
+
+# ----------------------------------------------------------------------------------------- gptkernels
+def _ln_kernel(backend):
+    from gptkernels.ops.layernorm import layer_norm
+
+    def fn(x, weight, bias, residual=None):
+        return layer_norm(x, weight, bias, LN_EPS, residual=residual, backend=backend)
+
+    return fn
+
+
+def _rms_kernel(backend):
+    from gptkernels.ops.layernorm import rms_norm
+
+    def fn(x, weight, residual=None):
+        return rms_norm(x, weight, RMS_EPS, residual=residual, backend=backend)
+
+    return fn
+
+
+def _softmax_kernel(backend):
+    from gptkernels.ops.softmax import softmax
+
+    return lambda x: softmax(x, SCALE, backend=backend)
+
+
+def _causal_kernel(backend):
+    from gptkernels.ops.softmax import softmax
+
+    return lambda x, mask: softmax(x, SCALE, causal=True, backend=backend)  # the mask is generated, not read
+
+
+# ----------------------------------------------------------------------------- bytes that must move
+# M = rows (all dims but the last), N = last dim, e = element size; weights are in the input dtype. The per-row
+# mean/rstd a kernel may save for bwd (8*M bytes) are not counted: bwd could recompute them from x.
+def _bytes(rows_mult, n_mult):
+    def b(shape, e):
+        m, n = _rows(shape), shape[-1]
+        return rows_mult * m * n * e + n_mult * n * e
+
+    return b
+
+
+NORMS = [
+    # name, residual, rms, summary
+    ("layernorm", False, False, "F.layer_norm(x, w, b)"),
+    ("layernorm_residual", True, False, "h = x + r; y = F.layer_norm(h, w, b); returns (y, h)"),
+    ("rmsnorm", False, True, "F.rms_norm(x, w)"),
+    ("rmsnorm_residual", True, True, "h = x + r; y = F.rms_norm(h, w); returns (y, h)"),
+]
+
+
+def _register_norms():
+    for name, residual, rms, summary in NORMS:
+        wb = "weight" if rms else "weight, bias"
+        nw = 1 if rms else 2
+        if residual:
+            fwd = (f"read x, residual + write y, h: 4*M*N*e; read {wb}: {nw}*N*e", _bytes(4, nw))
+            bwd = (f"read dy, dh, h + write dx (= dresidual): 4*M*N*e; read weight, write d{wb.replace(', ', ', d')}: "
+                   f"{nw + 1}*N*e", _bytes(4, nw + 1))
+        else:
+            fwd = (f"read x + write y: 2*M*N*e; read {wb}: {nw}*N*e", _bytes(2, nw))
+            bwd = (f"read dy, x + write dx: 3*M*N*e; read weight, write d{wb.replace(', ', ', d')}: {nw + 1}*N*e",
+                   _bytes(3, nw + 1))
+        grads = ("x",) + (("residual",) if residual else ()) + (("weight",) if rms else ("weight", "bias"))
+        if rms:
+            eager = _rms_res_eager if residual else _rms_eager
+            ref = _rms_ref
+            kernel = _rms_kernel
+        else:
+            eager = _ln_res_eager if residual else _ln_eager
+            ref = _ln_ref
+            kernel = _ln_kernel
+        register_op(OpSpec(
+            name=name, summary=summary, module="gptkernels.ops.layernorm", shape=_norm_shape,
+            make_inputs=_norm_inputs(residual, bias=not rms), grad_inputs=grads, ref=ref, eager=eager, kernel=kernel,
+            bytes={"fwd": fwd[1], "bwd": bwd[1]}, formula={"fwd": fwd[0], "bwd": bwd[0]},
+            default_on=("cuda",) if residual else ("cpu", "cuda"),
+        ), replace=True)
+
+
+def _register_softmax():
+    fwd = ("read x + write y: 2*M*N*e", _bytes(2, 0))
+    bwd = ("read y, dy + write dx: 3*M*N*e", _bytes(3, 0))
+    register_op(OpSpec(
+        name="softmax", summary=f"torch.softmax(x * {SCALE}, -1)", module="gptkernels.ops.softmax",
+        shape=_softmax_shape, make_inputs=_softmax_inputs, grad_inputs=("x",), ref=_softmax_ref, eager=_softmax_eager,
+        kernel=_softmax_kernel, bytes={"fwd": fwd[1], "bwd": bwd[1]}, formula={"fwd": fwd[0], "bwd": bwd[0]},
+    ), replace=True)
+    register_op(OpSpec(
+        name="softmax_causal", summary=f"torch.softmax(x * {SCALE} + causal_mask, -1) on (B, H, T, T) scores",
+        module="gptkernels.ops.softmax", shape=_causal_shape, make_inputs=_causal_inputs, grad_inputs=("x",),
+        ref=_causal_ref, eager=_causal_eager, kernel=_causal_kernel,
+        bytes={"fwd": fwd[1], "bwd": bwd[1]},
+        formula={"fwd": fwd[0] + " (the causal mask is generated, not read)", "bwd": bwd[0]},
+        default_on=("cuda",),
+    ), replace=True)
+
+
+_register_norms()
+_register_softmax()
+# Slots for the ops still being written: requested, they are reported as not available, with the reason.
+register_op(Placeholder("attention", "gptkernels.ops.attention", "causal attention (vs eager and SDPA)"), replace=True)
+register_op(Placeholder("mlp", "gptkernels.ops.mlp", "bias-GELU / fused MLP / SwiGLU"), replace=True)

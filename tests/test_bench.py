@@ -1,0 +1,205 @@
+"""The benchmark harness on CPU: the CLI end to end on a tiny suite, FAIL detection, --compare, plots."""
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptkernels import bench
+from gptkernels.bench import report
+from gptkernels.bench.registry import OPS, Placeholder, Provider, register_op, register_provider, unregister_provider
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--quick", "--shapes", "tiny", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One real `python -m gptkernels bench` on the tiny suite (both modes), shared by the checks below."""
+    out = tmp_path_factory.mktemp("bench")
+    r = subprocess.run([sys.executable, "-m", "gptkernels", "bench", *TINY, "--ops", "layernorm,rmsnorm,attention",
+                        "--mode", "fwd,bwd", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, r.stdout, json.loads((out / "results.json").read_text())
+
+
+def test_cli_writes_sane_json_csv_and_table(cli_run):
+    out, stdout, res = cli_run
+    env = res["env"]
+    for key in ("device_name", "cpu_model", "torch", "triton", "git_sha", "date", "command", "torch_threads"):
+        assert key in env, key
+    assert env["device"] == "cpu" and env["torch_threads"] >= 1
+    assert "bench" in env["command"] and "--quick" in env["command"]
+    roof = env["roofline"]
+    assert roof["copy_gbps"] > 0 and roof["matmul_tflops"] > 0
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    assert {(r["op"], r["mode"], r["provider"]) for r in ok} >= {
+        (op, mode, prov) for op in ("layernorm", "rmsnorm") for mode in ("fwd", "bwd")
+        for prov in ("eager", "gptkernels-cpu")}
+    for r in ok:
+        assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"], r
+        assert r["gbps"] > 0 and r["pct_roofline"] > 0 and r["bytes"] > 0
+        assert r["speedup_vs_eager"] > 0
+        assert r["peak_mem_mb"] is None  # CPU: reported as unknown, never invented
+        assert r["err"] is not None and r["err"] <= r["err_bound"]
+        assert r["shape"] == ("33x96") and r["dtype"] == "float32" and r["device"] == "cpu"
+    eager = [r for r in ok if r["provider"] == "eager"]
+    assert all(r["speedup_vs_eager"] == 1.0 for r in eager)
+    # --quick on CPU leaves out torch.compile, and Triton is never timed through its CPU interpreter, even with
+    # TRITON_INTERPRET=1 (which the test conftest sets, and the subprocess inherits).
+    skipped = {r["provider"]: r["reason"] for r in res["rows"] if r["status"] == "skipped"}
+    assert "quick" in skipped["compile"] and "interpreter" in skipped["gptkernels-triton"]
+    assert "gptkernels-torch" not in {r["provider"] for r in res["rows"]}
+    attention = [r for r in res["rows"] if r["op"] == "attention"]
+    assert len(attention) == 1 and attention[0]["reason"].startswith("not available")
+    assert "fwd" in res["formulas"]["layernorm"] and "2*M*N*e" in res["formulas"]["layernorm"]["fwd"]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(res["rows"])
+    assert set(report.CSV_FIELDS) == set(rows[0])
+    assert "| op | shape (preset) |" in stdout and "gptkernels-cpu" in stdout and "roofline" in stdout
+
+
+def _wrong_fwd(problem):
+    eager = problem.spec.eager
+
+    def fn(**kw):
+        outs = eager(**kw)
+        return tuple(o * 1.02 for o in outs) if isinstance(outs, tuple) else outs * 1.02  # 2%: past bf16's ulp too
+
+    return fn
+
+
+def _wrong_bwd(problem):
+    """Right forward values, wrong gradient: y + 0.01 * (x - x.detach()) equals y but adds 0.01 to dx."""
+    eager = problem.spec.eager
+
+    def fn(**kw):
+        x = kw["x"]
+        return eager(**kw) + 0.01 * (x - x.detach())
+
+    return fn
+
+
+def _raises(problem):
+    def fn(**kw):
+        raise RuntimeError("kernel exploded")
+
+    return fn
+
+
+def test_wrong_provider_is_fail_and_not_timed(tmp_path):
+    register_provider("layernorm", Provider("wrong-fwd", _wrong_fwd))
+    register_provider("layernorm", Provider("wrong-bwd", _wrong_bwd))
+    register_provider("layernorm", Provider("raises", _raises))
+    try:
+        rc = bench.main([*TINY, "--ops", "layernorm", "--mode", "fwd,bwd", "--dtype", "float32,bfloat16",
+                         "--providers", "eager,wrong-fwd,wrong-bwd,raises", "--out", str(tmp_path)])
+    finally:
+        for name in ("wrong-fwd", "wrong-bwd", "raises"):
+            unregister_provider("layernorm", name)
+    assert rc == 1  # any FAIL makes the run fail
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+
+    def status(prov, mode, dtype):
+        (r,) = [r for r in rows if (r["provider"], r["mode"], r["dtype"]) == (prov, mode, dtype)]
+        return r
+
+    for dtype in ("float32", "bfloat16"):
+        for mode in ("fwd", "bwd"):
+            assert status("eager", mode, dtype)["status"] == "ok"
+            r = status("wrong-fwd", mode, dtype)
+            assert r["status"] == "FAIL" and "wrong result: out0" in r["reason"] and r["ms_p50"] is None
+            r = status("raises", mode, dtype)
+            assert r["status"] == "FAIL" and "kernel exploded" in r["reason"] and r["ms_p50"] is None
+        # The gradient trick leaves the forward exact: only the bwd check can catch it, and it does.
+        assert status("wrong-bwd", "fwd", dtype)["status"] == "ok"
+        r = status("wrong-bwd", "bwd", dtype)
+        assert r["status"] == "FAIL" and "dx" in r["reason"] and r["ms_p50"] is None
+
+
+def test_unavailable_op_and_model_are_reported_not_raised(tmp_path):
+    register_op(Placeholder("not_written_yet", "gptkernels.ops.not_written_yet"))
+    try:
+        rc = bench.main([*TINY, "--ops", "not_written_yet", "--model", "gpt2", "--out", str(tmp_path)])
+    finally:
+        OPS.pop("not_written_yet")
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    reasons = {r["op"]: r["reason"] for r in rows}
+    assert "No module named 'gptkernels.ops.not_written_yet'" in reasons["not_written_yet"]
+    assert reasons["model:gpt2"].startswith("not available yet")
+
+
+def _row(op, provider, p50, spread=1.02, status="ok"):
+    return {"op": op, "provider": provider, "mode": "fwd", "shape": "1024x768", "dtype": "float32", "status": status,
+            "reason": "", "ms_p20": p50 / spread ** 0.5, "ms_p50": p50, "ms_p80": p50 * spread ** 0.5}
+
+
+def _result(rows):
+    env = {"device_name": "AMD EPYC", "git_sha": "abc", "date": "2026-11-30", "device": "cpu"}
+    return {"env": env, "rows": rows}
+
+
+def test_compare_flags_slowdown_beyond_noise(tmp_path):
+    old = _result([_row("layernorm", "eager", 1.0), _row("layernorm", "gptkernels-cpu", 0.5),
+                   _row("rmsnorm", "gptkernels-cpu", 0.5, spread=1.6), _row("softmax", "gptkernels-cpu", 0.4)])
+    new = copy.deepcopy(old)
+    new["rows"][1] = _row("layernorm", "gptkernels-cpu", 1.0)  # 2x slower, tight spread: flagged
+    new["rows"][2] = _row("rmsnorm", "gptkernels-cpu", 0.6, spread=1.6)  # 1.2x, but the spread is 60%: noise
+    new["rows"][3] = _row("softmax", "gptkernels-cpu", 0.4, status="FAIL")  # ok -> FAIL: a regression
+    text, regressions = report.compare(old, new)
+    assert regressions == 2
+    lines = {line.split("|")[1].strip() + "/" + line.split("|")[5].strip(): line for line in text.splitlines()
+             if line.startswith("| ") and "---" not in line and "op |" not in line}
+    assert "SLOWER" in lines["layernorm/gptkernels-cpu"] and "2.000" in lines["layernorm/gptkernels-cpu"]
+    assert "within noise" in lines["rmsnorm/gptkernels-cpu"]
+    assert "within noise" in lines["layernorm/eager"]
+    assert "now FAIL" in lines["softmax/gptkernels-cpu"]
+    # Through the CLI, with the exit status a CI job can act on.
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert bench.main(["--compare", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 1
+    assert bench.main(["--compare", str(tmp_path / "old.json"), str(tmp_path / "old.json")]) == 0
+
+
+def test_summary_and_plot(cli_run, tmp_path, capsys):
+    out, _, res = cli_run
+    assert bench.main(["--summary", str(out / "results.json")]) == 0
+    text = capsys.readouterr().out
+    assert "layernorm" in text and "% of ceiling" in text and "gptkernels-cpu" in text
+    pytest.importorskip("matplotlib")
+    from gptkernels.bench.plot import plot
+
+    paths = plot(res, tmp_path) + plot(res, tmp_path, combined=True)
+    assert {p.name for p in paths} >= {"layernorm.png", "rmsnorm.png", "bench.png"}
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_presets_are_the_models_and_scaled_per_device():
+    ln, sm = OPS["layernorm"], OPS["softmax_causal"]
+    assert ln.shape("gpt2", "cuda") == (16384, 768) and ln.shape("gpt2-xl", "cpu") == (1024, 1600)
+    assert ln.shape("standard", "cpu") == ln.shape("standard", "cuda") == (16384, 4096)
+    assert sm.shape("gpt2", "cuda") == (16, 12, 1024, 1024) and sm.shape("llama-7b", "cuda") == (1, 32, 4096, 4096)
+    assert sm.shape("standard", "cuda") is None
+    assert OPS["softmax"].shape("llama-7b", "cpu")[-1] == 4096  # rows are cut on CPU, never the row length
+    m, n = 1024, 768
+    assert ln.work("fwd", (m, n), 4) == 2 * m * n * 4 + 2 * n * 4
+    assert ln.work("fwd+bwd", (m, n), 2) == ln.work("fwd", (m, n), 2) + ln.work("bwd", (m, n), 2)
+
+
+@pytest.mark.skipif(not os.path.isdir(ROOT / "benchmarks"), reason="no benchmarks/ in this checkout")
+def test_pytest_benchmark_files_run_and_are_not_collected_by_default():
+    pytest.importorskip("pytest_benchmark")
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "--benchmark-disable", "-p",
+                        "no:cacheprovider", "-k", "layernorm-256x768 and fwd"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
+    # Plain `pytest` from the root collects tests/ only: the microbenchmarks stay opt-in.
+    assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()
