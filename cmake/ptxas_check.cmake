@@ -1,0 +1,78 @@
+# ctest ptxas_no_spills: reads the ptxas reports ptxas_capture.cmake wrote, prints a per-kernel table
+# (arch, registers, shared memory, stack frame, spills) and fails if any function spills registers to local
+# memory, or if a .cu in the build has no report (it did not compile, or was not built yet).
+#
+#   cmake -DREPORT_DIR=<dir> -DEXPECTED=<stem>,<stem>,... -P ptxas_check.cmake
+
+if(NOT REPORT_DIR)
+  message(FATAL_ERROR "usage: cmake -DREPORT_DIR=<dir> -DEXPECTED=<stem>,... -P ptxas_check.cmake")
+endif()
+string(REPLACE "," ";" _expected "${EXPECTED}")
+
+set(_problems "")
+set(_table "")
+foreach(_stem IN LISTS _expected)
+  set(_report "${REPORT_DIR}/${_stem}.txt")
+  if(NOT EXISTS "${_report}")
+    string(APPEND _problems "  ${_stem}.cu: no report ${_report} (build the gptkernels_cuda_kernels target first)\n")
+    continue()
+  endif()
+  file(READ "${_report}" _text)
+  # Brackets would make CMake treat "cmem[0]" lines as unsplittable list items.
+  string(REPLACE "[" "<" _text "${_text}")
+  string(REPLACE "]" ">" _text "${_text}")
+  string(REPLACE ";" "," _text "${_text}")
+  string(REPLACE "\n" ";" _lines "${_text}")
+  set(_func "?")
+  set(_arch "?")
+  set(_frame "")
+  foreach(_line IN LISTS _lines)
+    if(_line MATCHES "Compiling entry function '([^']+)' for '([^']+)'")
+      set(_func "${CMAKE_MATCH_1}")
+      set(_arch "${CMAKE_MATCH_2}")
+    elseif(_line MATCHES "Function properties for ([^ ]+)")
+      set(_func "${CMAKE_MATCH_1}")
+    elseif(_line MATCHES "([0-9]+) bytes stack frame, ([0-9]+) bytes spill stores, ([0-9]+) bytes spill loads")
+      set(_frame "stack ${CMAKE_MATCH_1} B, spill st/ld ${CMAKE_MATCH_2}/${CMAKE_MATCH_3} B")
+      if(NOT CMAKE_MATCH_2 EQUAL 0 OR NOT CMAKE_MATCH_3 EQUAL 0)
+        string(APPEND _problems "  ${_stem}.cu ${_arch} ${_func}: ${CMAKE_MATCH_2} bytes spill stores, "
+                                "${CMAKE_MATCH_3} bytes spill loads\n")
+      endif()
+    elseif(_line MATCHES "Used ([0-9]+) registers")
+      set(_regs "${CMAKE_MATCH_1}")
+      set(_smem 0)
+      if(_line MATCHES "([0-9]+) bytes smem")
+        set(_smem "${CMAKE_MATCH_1}")
+      endif()
+      string(APPEND _table "  ${_stem}.cu ${_arch} ${_func}: ${_regs} regs, smem ${_smem} B, ${_frame}\n")
+      set(_frame "")
+    endif()
+  endforeach()
+endforeach()
+
+# Demangled names for people: c++filt (binutils) rewrites each mangled token of a text and leaves the rest.
+find_program(_cxxfilt NAMES c++filt cu++filt)
+if(_cxxfilt)
+  foreach(_var _table _problems)
+    if(${_var})
+      file(WRITE "${REPORT_DIR}/.demangle.tmp" "${${_var}}")
+      execute_process(COMMAND ${_cxxfilt} INPUT_FILE "${REPORT_DIR}/.demangle.tmp" OUTPUT_VARIABLE _demangled
+                      RESULT_VARIABLE _rc ERROR_QUIET)
+      if(_rc EQUAL 0)
+        # Keep "layernorm_fwd_kernel<float, 4, 8, 512>": drop the return type, namespaces and parameter list
+        # (the report files keep the full mangled names).
+        string(REPLACE "(anonymous namespace)::" "" _demangled "${_demangled}")
+        string(REPLACE "gptkernels::" "" _demangled "${_demangled}")
+        string(REPLACE " void " " " _demangled "${_demangled}")
+        string(REGEX REPLACE "\\([^\n]*\\): " ": " _demangled "${_demangled}")
+        set(${_var} "${_demangled}")
+      endif()
+      file(REMOVE "${REPORT_DIR}/.demangle.tmp")
+    endif()
+  endforeach()
+endif()
+message("ptxas resource usage (${REPORT_DIR}):\n${_table}")
+if(_problems)
+  message(FATAL_ERROR "ptxas_no_spills failed:\n${_problems}")
+endif()
+message("no register spills in ${EXPECTED}")
