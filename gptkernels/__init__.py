@@ -4,18 +4,22 @@ from gptkernels._dispatch import BackendUnavailableError, explain, info, last
 from gptkernels._version import __version__
 from gptkernels.ops.attention import attention, decode_attention, scaled_dot_product_attention
 from gptkernels.ops.layernorm import layer_norm, rms_norm
+from gptkernels.ops.mlp import bias_gelu, fused_mlp, swiglu
 from gptkernels.ops.softmax import softmax
 
 __all__ = [
     "BackendUnavailableError",
     "__version__",
     "attention",
+    "bias_gelu",
     "decode_attention",
     "explain",
+    "fused_mlp",
     "info",
     "last",
     "layer_norm",
     "rms_norm",
     "scaled_dot_product_attention",
     "softmax",
+    "swiglu",
 ]

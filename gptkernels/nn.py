@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from gptkernels.nn_mlp import FusedMLP  # noqa: F401  (re-exported: gptkernels.nn.FusedMLP)
 from gptkernels.ops.layernorm import layer_norm, rms_norm
 
 

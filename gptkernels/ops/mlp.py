@@ -1,0 +1,347 @@
+"""FFN kernels of a GPT block: fused bias + GELU, the GPT-2 MLP, and the SwiGLU MLP.
+
+Math (fp32 inside the kernels whatever the input dtype; shapes x: (..., C), M = numel / C rows):
+    bias_gelu: y = gelu(x + b), x (..., N), b (N,); approximate="tanh" (GPT-2's gelu_new) or "none" (erf).
+    fused_mlp: h = x @ W_fc^T (M, H);  a = act(h + b_fc);  y = a @ W_proj^T + b_proj (+ residual)  (..., C)
+               W_fc (H, C), b_fc (H,), W_proj (C, H), b_proj (C,): nn.Linear layout; act in gelu_tanh, gelu, relu.
+    swiglu:    g = x @ W_gate^T, u = x @ W_up^T (M, H);  p = silu(g) * u;  y = p @ W_down^T  (..., C)
+
+The GEMMs run in ATen (torch.mm / torch.addmm, on every backend: the BLAS/cuBLAS GEMM is the fastest one we have);
+the backends differ in the elementwise epilogues, which are one custom op each (gptkernels::bias_gelu_fwd/bwd,
+silu_mul_fwd/bwd; *_triton for Triton). The biases and the residual are added by the GEMMs themselves (addmm).
+
+What backward saves (activation memory; the weights are parameters and are saved by reference):
+    bias_gelu: x and b, never y; the backward recomputes x + b and gelu'.
+    fused_mlp: x and pre = fc(x) + b_fc (the pre-activation, M*H elements), never a = act(pre). The backward kernel
+               reads pre and da = dy @ W_proj once and writes dpre = da * act'(pre) (fused with the fp32 db_fc
+               reduction) and a recomputed (needed for dW_proj) in the same pass. Eager saves x, pre and a:
+               M*(C + 2H) elements against our M*(C + H) (tests/test_mlp.py measures it). b_fc is added by the fc
+               GEMM (addmm), so pre is rounded once, as in eager; the activation kernel runs without a bias there.
+    swiglu:    x, g and u, never p = silu(g) * u (recomputed by the fused backward kernel, which also gives dg, du).
+dbias is reduced in fp32 (per-thread / per-block partial rows, then a final reduce) and cast to the bias dtype.
+
+Backends: cuda (CUDA C++), triton, cpu (C++/OpenMP), torch (the eager references below). See gptkernels._dispatch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gptkernels import _dispatch
+
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+_APPROXIMATE = {"tanh": "gelu_tanh", "none": "gelu"}
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def _up(t):
+    return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _act_ref(v, activation):
+    if activation == "gelu_tanh":
+        return F.gelu(v, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(v)
+    return F.relu(v)
+
+
+def bias_gelu_ref(x, bias, approximate="tanh"):
+    """Eager gelu(x + bias); 16-bit inputs are computed in fp32 (no rounding of x + bias), fp32/fp64 in their own."""
+    v = _up(x) + _up(bias).to(_up(x).dtype) if bias is not None else _up(x)
+    return _act_ref(v, _APPROXIMATE[approximate]).to(x.dtype)
+
+
+def fused_mlp_ref(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=None):
+    """Eager proj(act(fc(x))) (+ residual); 16-bit inputs in fp32, output in x.dtype."""
+    xf = _up(x)
+    a = _act_ref(F.linear(xf, _up(w_fc), _up(b_fc)), activation)
+    y = F.linear(a, _up(w_proj), _up(b_proj))
+    if residual is not None:
+        y = y + _up(residual)
+    return y.to(x.dtype)
+
+
+def swiglu_ref(x, w_gate, w_up, w_down):
+    """Eager down(silu(gate(x)) * up(x)); 16-bit inputs in fp32, output in x.dtype."""
+    xf = _up(x)
+    return F.linear(F.silu(F.linear(xf, _up(w_gate))) * F.linear(xf, _up(w_up)), _up(w_down)).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- registration
+def _bias_gelu_fwd_fake(x, bias, activation):
+    return torch.empty_like(x)
+
+
+def _bias_gelu_bwd_fake(dy, x, bias, activation, want_dbias, want_y):
+    db = x.new_empty(x.shape[-1] if want_dbias else 0, dtype=torch.float32)
+    return torch.empty_like(x), db, torch.empty_like(x) if want_y else x.new_empty(0)
+
+
+def _silu_mul_fwd_fake(g, u):
+    return torch.empty_like(g)
+
+
+def _silu_mul_bwd_fake(dp, g, u, want_p):
+    return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g) if want_p else g.new_empty(0)
+
+
+@torch.library.custom_op("gptkernels::bias_gelu_fwd_triton", mutates_args=())
+def _bias_gelu_fwd_triton(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    from gptkernels.triton import mlp as tl_mlp
+
+    n = x.shape[-1]
+    y = tl_mlp.bias_gelu_fwd(x.reshape(-1, n), bias.float().contiguous() if bias is not None else None, activation)
+    return y.view(x.shape)
+
+
+@torch.library.custom_op("gptkernels::bias_gelu_bwd_triton", mutates_args=())
+def _bias_gelu_bwd_triton(
+    dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str, want_dbias: bool, want_y: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gptkernels.triton import mlp as tl_mlp
+
+    n = x.shape[-1]
+    # reshape keeps an expanded dy expanded (row stride 0) where it can; the launcher handles any row stride.
+    dx, db, y = tl_mlp.bias_gelu_bwd(dy.reshape(-1, n), x.reshape(-1, n),
+                                     bias.float().contiguous() if bias is not None else None, activation,
+                                     want_dbias, want_y)
+    return dx.view(x.shape), db, y.view(x.shape) if want_y else y
+
+
+@torch.library.custom_op("gptkernels::silu_mul_fwd_triton", mutates_args=())
+def _silu_mul_fwd_triton(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    from gptkernels.triton import mlp as tl_mlp
+
+    return tl_mlp.silu_mul_fwd(g, u)
+
+
+@torch.library.custom_op("gptkernels::silu_mul_bwd_triton", mutates_args=())
+def _silu_mul_bwd_triton(
+    dp: torch.Tensor, g: torch.Tensor, u: torch.Tensor, want_p: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gptkernels.triton import mlp as tl_mlp
+
+    return tl_mlp.silu_mul_bwd(dp, g, u, want_p)
+
+
+_FAKES = {
+    "bias_gelu_fwd": _bias_gelu_fwd_fake,
+    "bias_gelu_bwd": _bias_gelu_bwd_fake,
+    "silu_mul_fwd": _silu_mul_fwd_fake,
+    "silu_mul_bwd": _silu_mul_bwd_fake,
+}
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"gptkernels::{_name}_triton")(_fake)
+    if _dispatch.extension() is not None:  # the C++ ops exist only when the extension loaded
+        torch.library.register_fake(f"gptkernels::{_name}")(_fake)
+
+
+def _ops(backend):
+    """(bias_gelu_fwd, bias_gelu_bwd, silu_mul_fwd, silu_mul_bwd) of a kernel backend; cpu and cuda: by device."""
+    suffix = "_triton" if backend == "triton" else ""
+    return tuple(getattr(torch.ops.gptkernels, name + suffix) for name in _FAKES)
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+def _reduce_dbias(db, bias):
+    return db.to(bias.dtype) if bias is not None else None
+
+
+class BiasGeluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, activation, backend):
+        fwd, _, _, _ = _ops(backend)
+        ctx.save_for_backward(x, bias)
+        ctx.activation, ctx.backend = activation, backend
+        return fwd(x, bias, activation)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        _, bwd, _, _ = _ops(ctx.backend)
+        dx, db, _ = bwd(dy, x, bias, ctx.activation, bias is not None, False)
+        return dx, _reduce_dbias(db, bias), None, None
+
+
+class FusedMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj, residual, activation, backend):
+        fwd, _, _, _ = _ops(backend)
+        c = x.shape[-1]
+        x2 = x.reshape(-1, c)  # (M, C)
+        # The fc bias rides in the GEMM (addmm): pre = fc(x) + b_fc is rounded once, as eager nn.Linear rounds it.
+        # Adding b_fc in the activation kernel instead would save an (M, H) pass on the CPU but round fc(x) before
+        # the bias: in bf16 that moved pre-activations near ReLU's kink by up to 2^-9 * |fc(x)| and failed the
+        # 2x-eager bound on dx (0.23 vs 0.011, tests/test_mlp.py at (17, 771, 1000)).
+        pre = torch.addmm(b_fc, x2, w_fc.t()) if b_fc is not None else torch.mm(x2, w_fc.t())  # (M, H)
+        a = fwd(pre, None, activation)  # (M, H)
+        if residual is not None:
+            y = torch.addmm(residual.reshape(-1, c), a, w_proj.t())  # (M, C), residual added by the GEMM
+            if b_proj is not None:
+                y.add_(b_proj)
+        elif b_proj is not None:
+            y = torch.addmm(b_proj, a, w_proj.t())
+        else:
+            y = torch.mm(a, w_proj.t())
+        ctx.save_for_backward(x2, pre, w_fc, w_proj)
+        ctx.x_shape, ctx.has_bproj, ctx.has_res = x.shape, b_proj is not None, residual is not None
+        ctx.bfc_dtype = b_fc.dtype if b_fc is not None else None
+        ctx.activation, ctx.backend = activation, backend
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, pre, w_fc, w_proj = ctx.saved_tensors
+        _, bwd, _, _ = _ops(ctx.backend)
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, C)
+        da = torch.mm(dy2, w_proj)  # (M, H)
+        # One pass over (M, H): dh = da * act'(pre), db_fc = sum_rows(dh) in fp32, and a = act(pre) for dW_proj.
+        has_bfc = ctx.bfc_dtype is not None
+        dh, db_fc, a = bwd(da, pre, None, ctx.activation, has_bfc, True)
+        dw_proj = torch.mm(dy2.t(), a)  # (C, H)
+        db_proj = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if ctx.has_bproj else None
+        dx = torch.mm(dh, w_fc).view(ctx.x_shape)  # (..., C)
+        dw_fc = torch.mm(dh.t(), x2)  # (H, C)
+        dres = dy if ctx.has_res else None
+        return dx, dw_fc, db_fc.to(ctx.bfc_dtype) if has_bfc else None, dw_proj, db_proj, dres, None, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, backend):
+        _, _, fwd, _ = _ops(backend)
+        c = x.shape[-1]
+        x2 = x.reshape(-1, c)  # (M, C)
+        g = torch.mm(x2, w_gate.t())  # (M, H)
+        u = torch.mm(x2, w_up.t())  # (M, H)
+        p = fwd(g, u)  # (M, H)
+        ctx.save_for_backward(x2, g, u, w_gate, w_up, w_down)
+        ctx.x_shape, ctx.backend = x.shape, backend
+        return torch.mm(p, w_down.t()).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, g, u, w_gate, w_up, w_down = ctx.saved_tensors
+        _, _, _, bwd = _ops(ctx.backend)
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, C)
+        dp = torch.mm(dy2, w_down)  # (M, H)
+        dg, du, p = bwd(dp, g, u, True)  # p recomputed in the same pass, for dW_down
+        dw_down = torch.mm(dy2.t(), p)  # (C, H)
+        dx = torch.addmm(torch.mm(dg, w_gate), du, w_up).view(ctx.x_shape)
+        return dx, torch.mm(dg.t(), x2), torch.mm(du.t(), x2), dw_down, None
+
+
+# ------------------------------------------------------------------------------------------------- public
+def _check_x(fn, x):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got {type(x).__name__}"
+                        f"{' of dtype ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{fn}: x must have a non-empty last dim, got shape {tuple(x.shape)}")
+
+
+def _check_param(fn, name, t, shape, x, same_dtype=True):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)} (x's last dim is {x.shape[-1]}), "
+                         f"got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+    if same_dtype and t.dtype != x.dtype:
+        raise TypeError(f"{fn}: {name} dtype {t.dtype} must equal x dtype {x.dtype} (it feeds a GEMM with x)")
+
+
+def _check_weight2d(fn, name, w, x):
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"{fn}: {name} must be 2-D (nn.Linear layout (out, in)), got shape {tuple(w.shape)}")
+
+
+def bias_gelu(x, bias, approximate="tanh", backend=None):
+    """gelu(x + bias) in one pass.
+
+    Args:
+        x: (..., N) float32, float16 or bfloat16 (any float dtype on the torch backend).
+        bias: (N,) or None; same dtype as x or float32.
+        approximate: "tanh" (GPT-2's gelu_new, F.gelu(approximate="tanh")) or "none" (exact erf GELU).
+        backend: "cuda", "triton", "cpu", "torch" or None (then GPTKERNELS_BACKEND, then automatic).
+
+    Returns:
+        y (..., N) in x.dtype. Backward saves x and bias only (see the module docstring).
+    """
+    _check_x("bias_gelu", x)
+    if approximate not in _APPROXIMATE:
+        raise ValueError(f"bias_gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
+    _check_param("bias_gelu", "bias", bias, (x.shape[-1],), x, same_dtype=False)
+    be = _dispatch.select("bias_gelu", x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    if be == "torch":
+        return bias_gelu_ref(x, bias, approximate)
+    return BiasGeluFunction.apply(x, bias, _APPROXIMATE[approximate], be)
+
+
+def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=None, backend=None):
+    """GPT-2 MLP: proj(act(fc(x))) (+ residual), with the bias + activation fused and a lean backward.
+
+    Args:
+        x: (..., C) float32, float16 or bfloat16 (any float dtype on the torch backend).
+        w_fc: (H, C) fc weight (nn.Linear layout), dtype of x.  b_fc: (H,) or None.
+        w_proj: (C, H) proj weight, dtype of x.  b_proj: (C,) or None.
+        activation: "gelu_tanh" (GPT-2), "gelu" (erf) or "relu".
+        residual: (..., C) like x, or None: added to the output by the proj GEMM (a GPT block's x + mlp(ln(x))).
+        backend: "cuda", "triton", "cpu", "torch" or None (then GPTKERNELS_BACKEND, then automatic).
+
+    Returns:
+        y (..., C) in x.dtype. Backward saves x and fc(x) + b_fc (M*H elements), not the activation.
+    """
+    fn = "fused_mlp"
+    _check_x(fn, x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{fn}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    _check_weight2d(fn, "w_fc", w_fc, x)
+    _check_weight2d(fn, "w_proj", w_proj, x)
+    c, hid = x.shape[-1], w_fc.shape[0]
+    _check_param(fn, "w_fc", w_fc, (hid, c), x)
+    _check_param(fn, "b_fc", b_fc, (hid,), x)
+    _check_param(fn, "w_proj", w_proj, (c, hid), x)
+    _check_param(fn, "b_proj", b_proj, (c,), x)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{fn}: residual must be a tensor")
+        if residual.shape != x.shape:
+            raise ValueError(f"{fn}: residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
+        _check_param(fn, "residual", residual, x.shape, x)
+    be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    if be == "torch":
+        return fused_mlp_ref(x, w_fc, b_fc, w_proj, b_proj, activation, residual)
+    return FusedMLPFunction.apply(x, w_fc, b_fc, w_proj, b_proj, residual, activation, be)
+
+
+def swiglu(x, w_gate, w_up, w_down, backend=None):
+    """SwiGLU MLP (LLaMA-style, no biases): down(silu(gate(x)) * up(x)).
+
+    Args:
+        x: (..., C) float32, float16 or bfloat16 (any float dtype on the torch backend).
+        w_gate: (H, C), w_up: (H, C), w_down: (C, H): nn.Linear layout, dtype of x.
+        backend: "cuda", "triton", "cpu", "torch" or None (then GPTKERNELS_BACKEND, then automatic).
+
+    Returns:
+        y (..., C) in x.dtype. Backward saves x, gate(x) and up(x), not their product.
+    """
+    fn = "swiglu"
+    _check_x(fn, x)
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        _check_weight2d(fn, name, w, x)
+    c, hid = x.shape[-1], w_gate.shape[0]
+    _check_param(fn, "w_gate", w_gate, (hid, c), x)
+    _check_param(fn, "w_up", w_up, (hid, c), x)
+    _check_param(fn, "w_down", w_down, (c, hid), x)
+    be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    if be == "torch":
+        return swiglu_ref(x, w_gate, w_up, w_down)
+    return SwiGLUFunction.apply(x, w_gate, w_up, w_down, be)

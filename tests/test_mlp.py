@@ -1,0 +1,378 @@
+"""FFN kernels (bias_gelu, fused_mlp, swiglu, FusedMLP) on every backend against an fp64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, assert_close, backend_params
+
+import gptkernels
+from gptkernels.nn_mlp import FusedMLP
+from gptkernels.ops.mlp import bias_gelu, bias_gelu_ref, fused_mlp, fused_mlp_ref, swiglu, swiglu_ref
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _interp(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def _skip_interp_bf16(backend, device, dtype):
+    if _interp(backend, device) and dtype == torch.bfloat16:
+        # triton 3.8's interpreter casts fp32 -> bf16 by truncation, not round-to-nearest-even as the GPU does.
+        pytest.skip("Triton interpreter truncates fp32->bf16; bf16 Triton runs in the gpu-marked tests")
+
+
+def _gpu_setup(device):
+    if device == "cuda":
+        # fp32 GEMMs must not run in tf32 for the 1e-5 bound.
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _grads(fn, inputs, dy):
+    """Output and every gradient through torch.autograd.grad with a shared dy (fp64 loss)."""
+    out = fn(*inputs)
+    req = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return out, torch.autograd.grad((out.double() * dy.to(out.device)).sum(), req)
+
+
+def _leaf(t, device, dtype):
+    return t.to(device=device, dtype=dtype).requires_grad_() if t is not None else None
+
+
+def _to64(ts):
+    return [t.detach().double().cpu().requires_grad_() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+def _to_eager(ts):
+    return [t.detach().cpu().requires_grad_() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+def _compare(name, ours, ref, eager, names, dtype, fp32_bound=1e-5):
+    (y, gs), (y64, gs64) = ours, ref
+    ye, gse = eager if eager is not None else (None, [None] * len(gs))
+    assert_close(y, y64, ye, f"{name}: y", fp32_bound=fp32_bound, dtype=dtype)
+    for n, g, g64, ge in zip(names, gs, gs64, gse):
+        assert_close(g, g64, ge, f"{name}: {n}", fp32_bound=fp32_bound, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ bias_gelu
+def _eager_bias_gelu(x, b, approximate):
+    return F.gelu(x + b, approximate=approximate)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows_cols", [(1, 768), (17, 771), (1000, 3072)], ids=str)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_bias_gelu_matches_fp64(bd, dtype, rows_cols, approximate):
+    backend, device = bd
+    _skip_interp_bf16(backend, device, dtype)
+    m, n = rows_cols
+    if _interp(backend, device) and m * n > 100_000:
+        m, n = 1000, 96  # the interpreter is slow: many rows, a narrow width
+    x = _leaf(torch.randn(m, n) * 3, device, dtype)
+    b = _leaf(torch.randn(n), device, dtype)
+    dy = torch.randn(m, n, dtype=torch.float64)
+    ours = _grads(lambda x, b: bias_gelu(x, b, approximate, backend=backend), (x, b), dy)
+    assert gptkernels.last("bias_gelu")[0] == backend
+    assert ours[0].dtype == dtype and ours[0].shape == (m, n)
+    ref = _grads(lambda x, b: bias_gelu_ref(x, b, approximate), _to64((x, b)), dy)
+    eager = _grads(lambda x, b: _eager_bias_gelu(x, b, approximate), _to_eager((x, b)), dy) if dtype in LOW else None
+    _compare("bias_gelu", ours, ref, eager, ["dx", "dbias"], dtype)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_bias_gelu_noncontiguous_stride0_nobias_fp32bias(bd):
+    backend, device = bd
+    x = torch.randn(40, 3, 6, device=device).permute(1, 2, 0).requires_grad_()  # (3, 6, 40), column stride 18
+    b = torch.randn(40, device=device, requires_grad=True)
+    dy = torch.randn(1, 1, 40, device=device).expand(3, 6, 40)  # stride 0 along rows
+    y = bias_gelu(x, b, backend=backend)
+    dx, db = torch.autograd.grad(y, (x, b), dy)
+    x64, b64 = _to64((x, b))
+    y64 = F.gelu(x64 + b64, approximate="tanh")
+    rx, rb = torch.autograd.grad(y64, (x64, b64), dy.double().cpu())
+    for name, a, r in (("y", y, y64), ("dx", dx, rx), ("db", db, rb)):
+        assert_close(a, r, name=name)
+    (g,) = torch.autograd.grad(bias_gelu(x, None, "none", backend=backend).sum(), x)  # no bias, expanded scalar dy
+    (r,) = torch.autograd.grad(F.gelu(x64).sum(), x64)
+    assert_close(g, r, name="dx (no bias, sum())")
+    if not _interp(backend, device):  # fp32 bias with 16-bit activations (mixed precision)
+        xh = torch.randn(5, 64, device=device, dtype=torch.bfloat16)
+        bf = torch.randn(64, device=device)
+        yh = bias_gelu(xh, bf, backend=backend)
+        assert yh.dtype == torch.bfloat16
+        assert_close(yh, F.gelu(xh.double().cpu() + bf.double().cpu(), approximate="tanh"),
+                     F.gelu(xh.cpu().float() + bf.cpu(), approximate="tanh").bfloat16(), "y (fp32 bias)")
+
+
+# ------------------------------------------------------------------------------------------------ fused_mlp
+def _mlp_params(c, hid, device, dtype, bias=True):
+    s = c**-0.5
+    w_fc = _leaf(torch.randn(hid, c) * s, device, dtype)
+    b_fc = _leaf(torch.randn(hid) * 0.5, device, dtype) if bias else None
+    w_proj = _leaf(torch.randn(c, hid) * hid**-0.5, device, dtype)
+    b_proj = _leaf(torch.randn(c) * 0.5, device, dtype) if bias else None
+    return w_fc, b_fc, w_proj, b_proj
+
+
+def _eager_mlp(x, w_fc, b_fc, w_proj, b_proj, activation, residual):
+    a = F.linear(x, w_fc, b_fc)
+    a = {"gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}[activation](a)
+    y = F.linear(a, w_proj, b_proj)
+    return y + residual if residual is not None else y
+
+
+# (tokens, C, H): GPT-2 small widths on the C++ and torch backends, an odd width, and narrow ones for the interpreter.
+MLP_SHAPES = [(1, 768, 3072), (17, 771, 1000), (1000, 64, 256)]
+INTERP_MLP_SHAPES = [(1, 48, 96), (17, 37, 77), (1000, 32, 64)]
+
+
+@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape_idx", [0, 1, 2])
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
+def test_fused_mlp_matches_fp64(bd, dtype, shape_idx, residual, activation):
+    backend, device = bd
+    _skip_interp_bf16(backend, device, dtype)
+    _gpu_setup(device)
+    if activation != "gelu_tanh" and shape_idx != 1:
+        pytest.skip("other activations: the odd-width case only (time)")
+    m, c, hid = (INTERP_MLP_SHAPES if _interp(backend, device) else MLP_SHAPES)[shape_idx]
+    x = _leaf(torch.randn(m, c), device, dtype)
+    params = _mlp_params(c, hid, device, dtype)
+    r = _leaf(torch.randn(m, c), device, dtype) if residual else None
+    dy = torch.randn(m, c, dtype=torch.float64)
+    inputs = (x, *params, r)
+    ours = _grads(lambda *a: fused_mlp(*a[:5], activation, a[5], backend=backend), inputs, dy)
+    assert gptkernels.last("fused_mlp")[0] == backend
+    ref = _grads(lambda *a: fused_mlp_ref(*a[:5], activation, a[5]), _to64(inputs), dy)
+    eager = (_grads(lambda *a: _eager_mlp(*a[:5], activation, a[5]), _to_eager(inputs), dy)
+             if dtype in LOW else None)
+    names = ["dx", "dw_fc", "db_fc", "dw_proj", "db_proj"] + (["dresidual"] if residual else [])
+    # ReLU's kink: an fp32 pre-activation within rounding of 0 can take the other branch than fp64 does; with
+    # ~1e5 pre-activations a few land there and flip a whole dx/dW contribution, so ReLU gets 10x the bound.
+    bound = 1e-4 if activation == "relu" else 1e-5
+    _compare("fused_mlp", ours, ref, eager, names, dtype, fp32_bound=bound)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_fused_mlp_noncontiguous_stride0_nobias_3d(bd):
+    backend, device = bd
+    x = torch.randn(24, 2, 5, device=device).permute(1, 2, 0).requires_grad_()  # (2, 5, 24), not contiguous
+    params = _mlp_params(24, 40, device, torch.float32, bias=False)
+    dy = torch.randn(1, 1, 24, dtype=torch.float64).expand(2, 5, 24)  # stride 0
+    ours = _grads(lambda *a: fused_mlp(*a, backend=backend), (x, *params), dy)
+    ref = _grads(lambda *a: fused_mlp_ref(*a), _to64((x, *params)), dy)
+    _compare("fused_mlp", ours, ref, None, ["dx", "dw_fc", "dw_proj"], torch.float32)
+
+
+def _saved_bytes(fn):
+    """Bytes of distinct storages autograd saves while fn() builds its graph (activations and weights)."""
+    seen = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_saved_activation_bytes_less_than_eager():
+    m, c, hid = 256, 64, 256
+    x = torch.randn(m, c, requires_grad=True)
+    params = _mlp_params(c, hid, "cpu", torch.float32)
+    r = torch.randn(m, c, requires_grad=True)
+    ours, _ = _saved_bytes(lambda: fused_mlp(x, *params, residual=r, backend="cpu"))
+    eager, _ = _saved_bytes(lambda: _eager_mlp(x, *params, "gelu_tanh", r))
+    weights = 4 * 2 * hid * c
+    # ours: x, pre = fc(x) + b_fc, weights. eager: x, pre (GELU's input), GELU's output, weights.
+    assert ours == 4 * (m * c + m * hid) + weights, ours
+    assert eager == 4 * (m * c + 2 * m * hid) + weights, eager
+    print(f"fused_mlp saved activations (M={m} C={c} H={hid}): ours {ours - weights} B, eager {eager - weights} B")
+
+    wg, wu, wd = torch.randn(hid, c), torch.randn(hid, c), torch.randn(c, hid)
+    for w in (wg, wu, wd):
+        w.requires_grad_()
+    s_ours, _ = _saved_bytes(lambda: swiglu(x, wg, wu, wd, backend="cpu"))
+    s_eager, _ = _saved_bytes(lambda: _eager_swiglu(x, wg, wu, wd))
+    weights = 4 * 3 * hid * c
+    # ours: x, g, u. eager: x, g (silu's input), silu(g) and u (mul's operands), the product p (down's input).
+    assert s_ours == 4 * (m * c + 2 * m * hid) + weights, s_ours
+    assert s_eager == 4 * (m * c + 4 * m * hid) + weights, s_eager
+    print(f"swiglu saved activations: ours {s_ours - weights} B, eager {s_eager - weights} B")
+
+
+# ------------------------------------------------------------------------------------------------ swiglu
+def _eager_swiglu(x, wg, wu, wd):
+    return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape_idx", [0, 1, 2])
+def test_swiglu_matches_fp64(bd, dtype, shape_idx):
+    backend, device = bd
+    _skip_interp_bf16(backend, device, dtype)
+    _gpu_setup(device)
+    m, c, hid = (INTERP_MLP_SHAPES if _interp(backend, device) else MLP_SHAPES)[shape_idx]
+    x = _leaf(torch.randn(m, c), device, dtype)
+    wg = _leaf(torch.randn(hid, c) * c**-0.5, device, dtype)
+    wu = _leaf(torch.randn(hid, c) * c**-0.5, device, dtype)
+    wd = _leaf(torch.randn(c, hid) * hid**-0.5, device, dtype)
+    dy = torch.randn(m, c, dtype=torch.float64)
+    ours = _grads(lambda *a: swiglu(*a, backend=backend), (x, wg, wu, wd), dy)
+    assert gptkernels.last("swiglu")[0] == backend
+    ref = _grads(swiglu_ref, _to64((x, wg, wu, wd)), dy)
+    eager = _grads(_eager_swiglu, _to_eager((x, wg, wu, wd)), dy) if dtype in LOW else None
+    _compare("swiglu", ours, ref, eager, ["dx", "dw_gate", "dw_up", "dw_down"], dtype)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_swiglu_noncontiguous_stride0(bd):
+    backend, device = bd
+    x = torch.randn(24, 7, device=device).t().requires_grad_()  # (7, 24), not contiguous
+    ws = [torch.randn(*s, device=device, requires_grad=True) * 0.2 for s in ((33, 24), (33, 24), (24, 33))]
+    ws = [w.detach().requires_grad_() for w in ws]
+    dy = torch.randn(1, 24, dtype=torch.float64).expand(7, 24)
+    ours = _grads(lambda *a: swiglu(*a, backend=backend), (x, *ws), dy)
+    ref = _grads(swiglu_ref, _to64((x, *ws)), dy)
+    _compare("swiglu", ours, ref, None, ["dx", "dw_gate", "dw_up", "dw_down"], torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ ops, compile
+@pytest.mark.parametrize("bd", [p for p in backend_params() if p.id != "torch"])  # torch: no custom op
+def test_opcheck(bd):
+    backend, device = bd
+    from gptkernels.ops.mlp import _ops
+
+    bg_fwd, bg_bwd, sm_fwd, sm_bwd = _ops(backend)
+    x = torch.randn(3, 5, 40, device=device)
+    for b in (torch.randn(40, device=device), None):
+        for act in ("gelu_tanh", "gelu", "relu"):
+            torch.library.opcheck(bg_fwd, (x, b, act))
+        for want_db, want_y in ((True, True), (False, False), (True, False)):
+            torch.library.opcheck(bg_bwd, (torch.randn_like(x), x, b, "gelu", want_db, want_y))
+    g, u = torch.randn(6, 33, device=device), torch.randn(6, 33, device=device)
+    torch.library.opcheck(sm_fwd, (g, u))
+    for want_p in (True, False):
+        torch.library.opcheck(sm_bwd, (torch.randn_like(g), g, u, want_p))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("cuda", marks=pytest.mark.gpu),
+                                     pytest.param("triton", marks=pytest.mark.gpu)])
+def test_torch_compile_fullgraph(backend):
+    device = "cuda" if backend in ("cuda", "triton") else "cpu"
+    _gpu_setup(device)
+    torch._dynamo.reset()
+
+    def block(x, r, w_fc, b_fc, w_proj, b_proj, wg, wu, wd):
+        y = fused_mlp(x, w_fc, b_fc, w_proj, b_proj, residual=r, backend=backend)
+        z = swiglu(bias_gelu(y, b_proj, backend=backend), wg, wu, wd, backend=backend)
+        return (z * 2).sum()
+
+    x = torch.randn(6, 32, device=device, requires_grad=True)
+    r = torch.randn(6, 32, device=device, requires_grad=True)
+    params = _mlp_params(32, 64, device, torch.float32)
+    sw = [(torch.randn(*s, device=device) * 0.2).requires_grad_() for s in ((48, 32), (48, 32), (32, 48))]
+    args = (x, r, *params, *sw)
+    out = torch.compile(block, fullgraph=True)(*args)
+    grads = torch.autograd.grad(out, args)
+    ref = block(*args)
+    ref_grads = torch.autograd.grad(ref, args)
+    assert_close(out, ref, name="compiled out")
+    for g, rg in zip(grads, ref_grads):
+        assert_close(g, rg, name="compiled grad")
+
+
+def test_empty_batch():
+    x = torch.randn(0, 16, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    y = bias_gelu(x, b, backend="cpu")
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(4, 8)
+    w_fc, b_fc, w_proj, b_proj = (t.detach() for t in _mlp_params(8, 32, "cpu", torch.float32))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        bias_gelu(torch.ones(4, 8, dtype=torch.int32), torch.ones(8))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        bias_gelu(x, torch.ones(7))
+    with pytest.raises(ValueError, match="approximate must be 'tanh' or 'none'"):
+        bias_gelu(x, torch.ones(8), approximate="erf")
+    with pytest.raises(ValueError, match="non-empty last dim"):
+        bias_gelu(torch.randn(3, 0), torch.ones(0))
+    with pytest.raises(ValueError, match="activation must be one of gelu_tanh, gelu, relu"):
+        fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="swish")
+    with pytest.raises(ValueError, match=r"w_fc must have shape \(32, 9\) \(x's last dim is 9\)"):
+        fused_mlp(torch.randn(4, 9), w_fc, b_fc, w_proj, b_proj)
+    with pytest.raises(ValueError, match=r"w_proj must have shape \(8, 32\)"):
+        fused_mlp(x, w_fc, b_fc, w_proj.t(), b_proj)
+    with pytest.raises(ValueError, match=r"w_fc must be 2-D"):
+        fused_mlp(x, w_fc.reshape(-1), b_fc, w_proj, b_proj)
+    with pytest.raises(ValueError, match=r"b_fc must have shape \(32,\)"):
+        fused_mlp(x, w_fc, b_fc[:5], w_proj, b_proj)
+    with pytest.raises(TypeError, match="w_proj dtype torch.float64 must equal x dtype"):
+        fused_mlp(x, w_fc, b_fc, w_proj.double(), b_proj)
+    with pytest.raises(ValueError, match="residual shape"):
+        fused_mlp(x, w_fc, b_fc, w_proj, b_proj, residual=torch.randn(4, 9))
+    with pytest.raises(TypeError, match="residual dtype"):
+        fused_mlp(x, w_fc, b_fc, w_proj, b_proj, residual=x.double())
+    with pytest.raises(ValueError, match=r"w_down must have shape \(8, 32\)"):
+        swiglu(x, w_fc, w_fc, w_fc)
+    with pytest.raises(ValueError, match=r"w_up must have shape \(32, 8\)"):
+        swiglu(x, w_fc, w_proj, w_proj)
+    with pytest.raises(gptkernels.BackendUnavailableError, match="cpu.*dtype torch.float64 not supported"):
+        fused_mlp(x.double(), *(t.double() for t in (w_fc, b_fc, w_proj, b_proj)), backend="cpu")
+    if not HAS_CUDA:
+        with pytest.raises(gptkernels.BackendUnavailableError, match="cuda"):
+            swiglu(x, w_fc, w_fc, w_proj, backend="cuda")
+    # auto falls back to the torch reference for float64 and says why
+    bias_gelu(x.double(), torch.ones(8, dtype=torch.float64))
+    backend, why = gptkernels.last("bias_gelu")
+    assert backend == "torch" and "float64 not supported" in why
+
+
+# ------------------------------------------------------------------------------------------------ FusedMLP
+class _NanoGPTMLP(torch.nn.Module):
+    """nanoGPT's MLP (model.py), minus dropout: the state_dict layout FusedMLP must accept."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.c_fc = torch.nn.Linear(n, 4 * n)
+        self.gelu = torch.nn.GELU(approximate="tanh")
+        self.c_proj = torch.nn.Linear(4 * n, n)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+def test_fused_mlp_module_loads_nanogpt_and_conv1d():
+    n = 32
+    ref = _NanoGPTMLP(n).double()
+    ours = FusedMLP(n, backend="cpu")
+    ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(3, 5, n)
+    assert_close(ours(x), ref(x.double()), name="FusedMLP vs nanoGPT MLP")
+    r = torch.randn(3, 5, n)
+    assert_close(ours(x, residual=r), ref(x.double()) + r.double(), name="FusedMLP + residual")
+    # HF GPT-2 Conv1D layout: weight (in, out), y = x @ W + b
+    conv = {"h.0.mlp.c_fc.weight": ref.c_fc.weight.detach().t().float().clone(),
+            "h.0.mlp.c_fc.bias": ref.c_fc.bias.detach().float().clone(),
+            "h.0.mlp.c_proj.weight": ref.c_proj.weight.detach().t().float().clone(),
+            "h.0.mlp.c_proj.bias": ref.c_proj.bias.detach().float().clone()}
+    hf = FusedMLP.from_conv1d_state_dict(conv, prefix="h.0.mlp.", backend="cpu")
+    assert hf.c_fc.weight.shape == (4 * n, n) and hf.c_proj.weight.shape == (n, 4 * n)
+    assert_close(hf(x), ref(x.double()), name="FusedMLP from Conv1D")
+    nb = FusedMLP(n, hidden=48, activation="gelu", bias=False, backend="torch")
+    assert nb.c_fc.bias is None and nb(x).shape == x.shape
+    with pytest.raises(ValueError, match="activation must be one of"):
+        FusedMLP(n, activation="tanh")
