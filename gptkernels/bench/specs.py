@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from gptkernels.bench.registry import OpSpec, Placeholder, register_op
+from gptkernels.bench.registry import OpSpec, Provider, register_op, register_provider
 
 MODELS = {  # name: (C, H, T)
     "gpt2": (768, 12, 1024),
@@ -270,8 +271,159 @@ def _register_softmax():
     ), replace=True)
 
 
+# ------------------------------------------------------------------------------------------------ attention
+# Causal self-attention on (B, H, T, D). CUDA: llama-7b is the headline shape B=4, H=32, T=4096, D=128; gpt2 is
+# B=16, H=12, T=1024, D=64. CPU: one sequence, heads cut so the (T, T) scores of eager stay small; the issue's CPU
+# target shape is `--shapes 4x8x1024x64`.
+def _attn_shape(preset, device_type):
+    if preset == "tiny":
+        return (1, 2, 40, 32)
+    if preset == "standard":
+        return (4, 32, 4096, 128) if device_type == "cuda" else (4, 8, 1024, 64)
+    c, h, t = MODELS[preset]
+    d = c // h
+    if device_type == "cuda":
+        return (max(1, CUDA_TOKENS // t), h, t, d) if preset != "llama-7b" else (4, h, t, d)
+    if preset == "llama-7b":
+        return (1, 4, 1024, d)
+    return (1, h, t, d)
+
+
+def _attn_inputs(shape, dtype, device, gen):
+    return {k: _randn(shape, dtype, device, gen) for k in ("q", "k", "v")}
+
+
+def _attn_eager(q, k, v):
+    """matmul -> masked softmax -> matmul, as a user writes it without SDPA (materializes the (T, T) scores)."""
+    t = q.shape[-2]
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def _attn_ref(q, k, v):
+    from gptkernels.ops.attention import attention_ref
+
+    return attention_ref(q, k, v, is_causal=True)
+
+
+def _attn_kernel(backend):
+    from gptkernels.ops.attention import scaled_dot_product_attention
+
+    return lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+
+
+def _attn_flops(mult):
+    # 4*B*H*T*T*D for QK^T and PV, halved for causal; backward 2.5x forward (HOUSE_STYLE)
+    return lambda shape: int(mult * 0.5 * 4 * shape[0] * shape[1] * shape[2] * shape[2] * shape[3])
+
+
+def _sdpa_provider(name, backend_enum):
+    def make(problem):
+        import torch.nn.attention as tna
+
+        def fn(q, k, v):
+            ctx = tna.sdpa_kernel([getattr(tna.SDPBackend, backend_enum)]) if backend_enum else nullcontext()
+            with ctx:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return fn
+
+    def usable(problem):
+        cuda_only = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+        if backend_enum in cuda_only and problem.device.type != "cuda":
+            return f"SDPA {backend_enum.lower()} runs on CUDA only"
+        if backend_enum == "FLASH_ATTENTION" and problem.dtype == torch.float32:
+            return "SDPA flash takes fp16/bf16 only"
+        return None
+
+    return Provider(name, make, usable)
+
+
+def _register_attention():
+    register_op(OpSpec(
+        name="attention", summary="causal SDPA on (B, H, T, D) vs eager matmul-softmax-matmul and every SDPA backend",
+        module="gptkernels.ops.attention", shape=_attn_shape, make_inputs=_attn_inputs, grad_inputs=("q", "k", "v"),
+        ref=_attn_ref, eager=_attn_eager, kernel=_attn_kernel,
+        flops={"fwd": _attn_flops(1.0), "bwd": _attn_flops(2.5)},
+        formula={"fwd": "4*B*H*T*T*D * 0.5 (causal)", "bwd": "2.5 * 4*B*H*T*T*D * 0.5 (causal)"},
+    ), replace=True)
+    for name, enum in (("sdpa", None), ("sdpa-math", "MATH"), ("sdpa-flash", "FLASH_ATTENTION"),
+                       ("sdpa-efficient", "EFFICIENT_ATTENTION"), ("sdpa-cudnn", "CUDNN_ATTENTION")):
+        register_provider("attention", _sdpa_provider(name, enum))
+
+
+# ------------------------------------------------------------------------------------------------------ MLP
+# GPT-2 MLP on (tokens, C) with hidden 4C: fc -> GELU(tanh) -> proj.
+def _mlp_shape(preset, device_type):
+    if preset == "tiny":
+        return (33, 64)
+    if preset == "standard":
+        return (CUDA_TOKENS, 4096) if device_type == "cuda" else (CPU_TOKENS, 768)
+    c, _, _ = MODELS[preset]
+    return (CUDA_TOKENS if device_type == "cuda" else CPU_TOKENS, c)
+
+
+def _mlp_inputs(shape, dtype, device, gen):
+    m, c = shape
+    h = 4 * c
+    return {"x": _randn(shape, dtype, device, gen), "w_fc": _randn((h, c), dtype, device, gen, c ** -0.5),
+            "b_fc": _randn((h,), dtype, device, gen, 0.1), "w_proj": _randn((c, h), dtype, device, gen, h ** -0.5),
+            "b_proj": _randn((c,), dtype, device, gen, 0.1)}
+
+
+def _mlp_eager(x, w_fc, b_fc, w_proj, b_proj):
+    return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
+
+
+def _mlp_ref(x, w_fc, b_fc, w_proj, b_proj):
+    return _mlp_eager(x, w_fc, b_fc, w_proj, b_proj)  # called on fp64 tensors by the harness
+
+
+def _mlp_kernel(backend):
+    from gptkernels.ops.mlp import fused_mlp
+
+    return lambda x, w_fc, b_fc, w_proj, b_proj: fused_mlp(x, w_fc, b_fc, w_proj, b_proj, "gelu_tanh",
+                                                           backend=backend)
+
+
+def _mlp_flops(mult):
+    return lambda shape: int(mult * 2 * 2 * shape[0] * shape[1] * 4 * shape[1])  # two GEMMs of 2*M*C*4C
+
+
+def _bias_gelu_inputs(shape, dtype, device, gen):
+    return {"x": _randn(shape, dtype, device, gen), "bias": _randn((shape[-1],), dtype, device, gen, 0.1)}
+
+
+def _bias_gelu_eager(x, bias):
+    return F.gelu(x + bias, approximate="tanh")
+
+
+def _bias_gelu_kernel(backend):
+    from gptkernels.ops.mlp import bias_gelu
+
+    return lambda x, bias: bias_gelu(x, bias, "tanh", backend=backend)
+
+
+def _register_mlp():
+    register_op(OpSpec(
+        name="mlp", summary="GPT-2 MLP: linear(C->4C) + GELU(tanh) + linear(4C->C), weights in nn.Linear layout",
+        module="gptkernels.ops.mlp", shape=_mlp_shape, make_inputs=_mlp_inputs,
+        grad_inputs=("x", "w_fc", "b_fc", "w_proj", "b_proj"), ref=_mlp_ref, eager=_mlp_eager, kernel=_mlp_kernel,
+        flops={"fwd": _mlp_flops(1.0), "bwd": _mlp_flops(2.0)},
+        formula={"fwd": "2 GEMMs: 2 * 2*M*C*4C", "bwd": "4 GEMMs: 2 * (2 * 2*M*C*4C)"},
+    ), replace=True)
+    fwd = ("read x + write y: 2*M*N*e; read bias: N*e", _bytes(2, 1))
+    bwd = ("read dy, x + write dx: 3*M*N*e; read bias, write dbias: 2*N*e", _bytes(3, 2))
+    register_op(OpSpec(
+        name="bias_gelu", summary="gelu(x + b, approximate='tanh') on the (tokens, 4C) hidden activation",
+        module="gptkernels.ops.mlp", shape=lambda p, d: (lambda s: (s[0], 4 * s[1]))(_mlp_shape(p, d)),
+        make_inputs=_bias_gelu_inputs, grad_inputs=("x", "bias"), ref=_bias_gelu_eager, eager=_bias_gelu_eager,
+        kernel=_bias_gelu_kernel, bytes={"fwd": fwd[1], "bwd": bwd[1]}, formula={"fwd": fwd[0], "bwd": bwd[0]},
+    ), replace=True)
+
+
 _register_norms()
 _register_softmax()
-# Slots for the ops still being written: requested, they are reported as not available, with the reason.
-register_op(Placeholder("attention", "gptkernels.ops.attention", "causal attention (vs eager and SDPA)"), replace=True)
-register_op(Placeholder("mlp", "gptkernels.ops.mlp", "bias-GELU / fused MLP / SwiGLU"), replace=True)
+_register_attention()
+_register_mlp()
