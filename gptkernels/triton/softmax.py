@@ -34,15 +34,17 @@ _CHUNK_WARPS = 8
 _CPU_MAX_BLOCK_N = 1024
 
 
-def _config(n, max_block_n, device):
-    """(BLOCK_N, num_warps, ONE_CHUNK) for a row of n elements."""
+def _config(n, fwd, device):
+    """(BLOCK_N, num_warps, ONE_CHUNK) for a row of n elements. Reads the module limits at call time, so a test
+    can shrink them to drive small shapes through the chunked loops."""
+    max_block_n = _FWD_MAX_BLOCK_N if fwd else _BWD_MAX_BLOCK_N
     if device.type == "cpu":
         max_block_n = min(max_block_n, _CPU_MAX_BLOCK_N)
     # Floor of 32: one element per lane of a warp; smaller tensors would only be replicated across lanes.
     block_n = max(triton.next_power_of_2(n), 32)
     if block_n <= max_block_n:
         return block_n, min(max(block_n // 512, 1), 16), True  # 512 elements per warp, 1..16 warps
-    return _CHUNK, _CHUNK_WARPS, False
+    return _CHUNK, min(max(_CHUNK // 512, 1), _CHUNK_WARPS), False
 
 
 def _rows(t, m, n):
@@ -124,7 +126,9 @@ def _softmax_fwd_kernel(
         m = tl.where(m == float("-inf"), 0.0, m)
         e = tl.exp(z - m)
         s = tl.sum(e, axis=0)
-        inv = tl.where(s > 0.0, 1.0 / s, 0.0)
+        # s >= 1 unless the row is fully masked; then e is all 0 and any finite inv gives zeros (dividing by 1, not
+        # 0, keeps the interpreter's numpy quiet).
+        inv = 1.0 / tl.where(s > 0.0, s, 1.0)
         tl.store(Y + cols, (e * inv).to(Y.dtype.element_ty), mask=cols < N)
     else:
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)  # fp32 scalars, loop-carried
@@ -141,7 +145,7 @@ def _softmax_fwd_kernel(
             s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
             m = m_new
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        inv = tl.where(s > 0.0, 1.0 / s, 0.0)
+        inv = 1.0 / tl.where(s > 0.0, s, 1.0)  # as in the one-chunk path
         for off in range(0, N, BLOCK_N):
             c = off + cols
             live = c < n_live
@@ -229,7 +233,7 @@ def softmax_fwd(x, mask, scale: float, causal: bool):
         mask_v, (smb, smh, smt, smn) = _mask_view(mask, shape, b, h, t, n)
     else:
         mask_v, (smb, smh, smt, smn) = x2, (0, 0, 0, 0)  # never read (HAS_MASK=False)
-    block_n, num_warps, one_chunk = _config(n, _FWD_MAX_BLOCK_N, x.device)
+    block_n, num_warps, one_chunk = _config(n, True, x.device)
     _softmax_fwd_kernel[(m,)](
         x2, y2, mask_v,
         x2.stride(0), y2.stride(0),
@@ -262,7 +266,7 @@ def softmax_bwd(y, dy, scale: float, mask_grad: bool):
     dy2 = _rows(dy, m, n)
     dx2 = dx.view(m, n)
     dz2 = dz.view(m, n) if mask_grad else dx2
-    block_n, num_warps, one_chunk = _config(n, _BWD_MAX_BLOCK_N, y.device)
+    block_n, num_warps, one_chunk = _config(n, False, y.device)
     _softmax_bwd_kernel[(m,)](
         y2, dy2, dx2, dz2,
         y2.stride(0), dy2.stride(0), dx2.stride(0), dz2.stride(0),

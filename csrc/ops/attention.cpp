@@ -1,0 +1,273 @@
+// Torch-facing attention ops (docs/attention_contract.md): checks, contiguous copies on purpose, the mask's
+// broadcast strides, allocation, and the call into the CPU or CUDA kernels. Registered as
+// gptkernels::attention_fwd / attention_bwd / decode_attention for the CPU and CUDA dispatch keys; their fake
+// implementations and the autograd wiring live in gptkernels/ops/attention.py.
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "../kernels/cpu/attention.h"
+#include "common.h"
+#ifdef GPTKERNELS_WITH_CUDA
+#include "../kernels/cuda/attention.cuh"
+#endif
+
+namespace gptkernels {
+namespace {
+
+struct Dims {
+  int64_t B, H, Hkv, Tq, Tk, D;
+};
+
+// q (B, H, Tq, D), k and v (B, Hkv, Tk, D): same dtype and device, H % Hkv == 0, D within the backend's limits.
+Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* kn, const char* vn) {
+  TORCH_CHECK(q.dim() == 4, "q: must be 4-D (B, H, Tq, D), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, kn, ": must be 4-D (B, Hkv, Tk, D), got shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), vn, ": shape ", v.sizes(), " must match ", kn, " ", k.sizes());
+  to_kernel_dtype(q.scalar_type(), "q");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, ", kn, ", ", vn,
+                   ": dtypes must be equal, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "q, ", kn, ", ", vn,
+              ": must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(q.is_cpu() || q.is_cuda(), "q: device must be cpu or cuda, got ", q.device());
+  const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_CHECK(k.size(0) == d.B, kn, ": batch ", k.size(0), " must match q's ", d.B);
+  TORCH_CHECK(k.size(3) == d.D, kn, ": head dim ", k.size(3), " must match q's ", d.D);
+  TORCH_CHECK(d.Hkv >= 1 && d.H % d.Hkv == 0, "q heads (", d.H, ") must be a multiple of ", kn, " heads (", d.Hkv,
+              ")");
+  if (q.is_cuda()) {
+    TORCH_CHECK(d.D % 8 == 0 && d.D >= 16 && d.D <= 256, "cuda: head_dim ", d.D,
+                " not supported; supported: 16..256 step 8");
+  } else {
+    TORCH_CHECK(d.D >= 1 && d.D <= 256, "cpu: head_dim ", d.D, " not supported; supported: 1..256");
+  }
+  return d;
+}
+
+void check_scalars(int64_t window, double dropout_p) {
+  TORCH_CHECK(window == -1 || window > 0, "window: must be -1 (no window) or > 0, got ", window);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
+}
+
+// A tensor the kernels can read as dense rows: contiguous, on purpose (a gradient may arrive with stride 0, a
+// head-split view transposed), and for CUDA 16-byte aligned (the kernels move 16-byte vectors; a contiguous
+// view at an odd storage offset is copied).
+at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (c.is_cuda() && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+// The additive mask's strides in the (B, H, Tq, Tk) view: mask.expand(...) gives stride 0 on broadcast dims, so a
+// (1, 1, Tq, Tk) mask is read from its Tq*Tk floats and never materialized.
+struct MaskArg {
+  at::Tensor t;  // keeps the storage alive during the call
+  const float* ptr = nullptr;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+};
+
+MaskArg mask_arg(const std::optional<at::Tensor>& mask, const at::Tensor& q, const Dims& d) {
+  MaskArg m;
+  if (!mask.has_value() || !mask->defined()) return m;
+  const at::Tensor& t = *mask;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "mask: dtype must be float32 (additive; convert boolean masks ",
+                   "first), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), "mask: must be on ", q.device(), ", got ", t.device());
+  TORCH_CHECK(t.dim() == 4, "mask: must be 4-D, broadcastable to (B, H, Tq, Tk), got shape ", t.sizes());
+  const int64_t target[4] = {d.B, d.H, d.Tq, d.Tk};
+  for (int i = 0; i < 4; ++i)
+    TORCH_CHECK(t.size(i) == 1 || t.size(i) == target[i], "mask: shape ", t.sizes(),
+                " is not broadcastable to (B, H, Tq, Tk) = (", d.B, ", ", d.H, ", ", d.Tq, ", ", d.Tk, ")");
+  const at::Tensor e = t.expand({d.B, d.H, d.Tq, d.Tk});
+  m.t = t;
+  m.ptr = t.data_ptr<float>();
+  m.sb = e.stride(0);
+  m.sh = e.stride(1);
+  m.si = e.stride(2);
+  m.sj = e.stride(3);
+  return m;
+}
+
+#ifdef GPTKERNELS_WITH_CUDA
+// The kernels for (dtype, D) need more shared memory than some GPUs give a block (sm_86 / sm_89: 99 KB).
+void check_cuda_smem(const at::Tensor& q, int64_t D) {
+  const size_t need = attention_cuda_smem_bytes(to_kernel_dtype(q.scalar_type(), "q"), D);
+  int have = 0;
+  check_cuda(cudaDeviceGetAttribute(&have, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()),
+             "cudaDeviceGetAttribute");
+  TORCH_CHECK(need <= size_t(have), "cuda: head_dim ", D, " ", q.scalar_type(), " needs ", need,
+              " bytes of shared memory per block; this GPU allows ", have);
+}
+#endif
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                                 const std::optional<at::Tensor>& mask, double scale, bool causal,
+                                                 int64_t window, double dropout_p, int64_t seed) {
+  const Dims d = check_qkv(q_, k_, v_, "k", "v");
+  check_scalars(window, dropout_p);
+  const MaskArg m = mask_arg(mask, q_, d);
+  const DType dt = to_kernel_dtype(q_.scalar_type(), "q");
+  at::Tensor out = at::empty({d.B, d.H, d.Tq, d.D}, q_.options());
+  at::Tensor lse = at::empty({d.B, d.H, d.Tq}, q_.options().dtype(at::kFloat));
+  if (d.B * d.H * d.Tq == 0) return {out, lse};
+  if (d.Tk == 0) {  // every row fully masked
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor q = dense(q_), k = dense(k_), v = dense(v_);
+  if (q.is_cuda()) {
+#ifdef GPTKERNELS_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    check_cuda_smem(q, d.D);
+    check_cuda(launch_attention_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), m.ptr, m.sb, m.sh, m.si, m.sj,
+                                    out.data_ptr(), lse.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D,
+                                    float(scale), causal, window, float(dropout_p), uint64_t(seed),
+                                    c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
+               "launch_attention_fwd");
+#else
+    TORCH_CHECK(false, "gptkernels was built without CUDA");
+#endif
+  } else {
+    attention_fwd_cpu(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), m.ptr, m.sb, m.sh, m.si, m.sj, out.data_ptr(),
+                      lse.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale), causal, window,
+                      float(dropout_p), uint64_t(seed));
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout_, const at::Tensor& q_,
+                                                             const at::Tensor& k_, const at::Tensor& v_,
+                                                             const at::Tensor& out_, const at::Tensor& lse_,
+                                                             const std::optional<at::Tensor>& mask, double scale,
+                                                             bool causal, int64_t window, double dropout_p,
+                                                             int64_t seed) {
+  const Dims d = check_qkv(q_, k_, v_, "k", "v");
+  check_scalars(window, dropout_p);
+  TORCH_CHECK(dout_.sizes() == q_.sizes(), "dout: shape ", dout_.sizes(), " must match q ", q_.sizes());
+  TORCH_CHECK(out_.sizes() == q_.sizes(), "out: shape ", out_.sizes(), " must match q ", q_.sizes());
+  TORCH_CHECK_TYPE(dout_.scalar_type() == q_.scalar_type() && out_.scalar_type() == q_.scalar_type(),
+                   "dout, out: dtype must be q's ", q_.scalar_type(), ", got ", dout_.scalar_type(), ", ",
+                   out_.scalar_type());
+  TORCH_CHECK(lse_.dim() == 3 && lse_.size(0) == d.B && lse_.size(1) == d.H && lse_.size(2) == d.Tq,
+              "lse: shape must be (B, H, Tq) = (", d.B, ", ", d.H, ", ", d.Tq, "), got ", lse_.sizes());
+  TORCH_CHECK_TYPE(lse_.scalar_type() == at::kFloat, "lse: dtype must be float32, got ", lse_.scalar_type());
+  TORCH_CHECK(dout_.device() == q_.device() && out_.device() == q_.device() && lse_.device() == q_.device(),
+              "dout, out, lse: must be on ", q_.device());
+  const MaskArg m = mask_arg(mask, q_, d);
+  const DType dt = to_kernel_dtype(q_.scalar_type(), "q");
+  at::Tensor dq = at::empty({d.B, d.H, d.Tq, d.D}, q_.options());
+  at::Tensor dk = at::empty({d.B, d.Hkv, d.Tk, d.D}, k_.options());
+  at::Tensor dv = at::empty({d.B, d.Hkv, d.Tk, d.D}, k_.options());
+  if (d.B * d.H * d.Tq * d.Tk == 0) {  // no (query, key) pair: every gradient is zero
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const at::Tensor q = dense(q_), k = dense(k_), v = dense(v_), dout = dense(dout_), out = dense(out_);
+  const at::Tensor lse = lse_.contiguous();
+  if (q.is_cuda()) {
+#ifdef GPTKERNELS_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    check_cuda_smem(q, d.D);
+    const size_t ws_bytes = attention_bwd_workspace_bytes(d.B, d.H, d.Tq);
+    at::Tensor ws = at::empty({int64_t((ws_bytes + sizeof(float) - 1) / sizeof(float))}, lse.options());
+    check_cuda(launch_attention_bwd(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                    lse.data_ptr<float>(), m.ptr, m.sb, m.sh, m.si, m.sj, dq.data_ptr(),
+                                    dk.data_ptr(), dv.data_ptr(), ws.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq,
+                                    d.Tk, d.D, float(scale), causal, window, float(dropout_p), uint64_t(seed),
+                                    c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
+               "launch_attention_bwd");
+#else
+    TORCH_CHECK(false, "gptkernels was built without CUDA");
+#endif
+  } else {
+    attention_bwd_cpu(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                      lse.data_ptr<float>(), m.ptr, m.sb, m.sh, m.si, m.sj, dq.data_ptr(), dk.data_ptr(),
+                      dv.data_ptr(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale), causal, window,
+                      float(dropout_p), uint64_t(seed));
+  }
+  return {dq, dk, dv};
+}
+
+at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache_, const at::Tensor& v_cache_,
+                            const at::Tensor& cache_seqlens, double scale, int64_t num_splits) {
+  const Dims d = check_qkv(q_, k_cache_, v_cache_, "k_cache", "v_cache");  // Tq = Tn, Tk = Tmax
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == d.B, "cache_seqlens: shape must be (B,) = (",
+              d.B, ",), got ", cache_seqlens.sizes());
+  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong,
+                   "cache_seqlens: dtype must be int32 or int64, got ", cache_seqlens.scalar_type());
+  TORCH_CHECK(cache_seqlens.device() == q_.device(), "cache_seqlens: must be on ", q_.device(), ", got ",
+              cache_seqlens.device());
+  const DType dt = to_kernel_dtype(q_.scalar_type(), "q");
+  at::Tensor out = at::empty({d.B, d.H, d.Tq, d.D}, q_.options());
+  if (d.B * d.H * d.Tq == 0) return out;
+  if (d.Tk == 0) {  // no cache (and so no valid L_b): nothing to attend to
+    out.zero_();
+    return out;
+  }
+  const at::Tensor q = dense(q_), k = dense(k_cache_), v = dense(v_cache_);
+  if (q.is_cuda()) {
+#ifdef GPTKERNELS_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    check_cuda_smem(q, d.D);
+    // Values are read on the device (checking them here would synchronize); the kernels clamp to [0, Tmax].
+    const at::Tensor lens = cache_seqlens.to(at::kInt).contiguous();
+    const int splits = decode_attention_num_splits(d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, num_splits,
+                                                   sm_count(q.get_device()));
+    const size_t ws_bytes = decode_attention_workspace_bytes(d.B, d.H, d.Tq, d.D, splits);
+    at::Tensor ws = at::empty({int64_t((ws_bytes + sizeof(float) - 1) / sizeof(float))},
+                              q.options().dtype(at::kFloat));
+    check_cuda(launch_decode_attention(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr<int32_t>(),
+                                       out.data_ptr(), ws.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D,
+                                       float(scale), splits, c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
+               "launch_decode_attention");
+#else
+    TORCH_CHECK(false, "gptkernels was built without CUDA");
+#endif
+  } else {
+    const at::Tensor lens = cache_seqlens.to(at::kLong).contiguous();
+    const int64_t* lp = lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < d.B; ++b)
+      TORCH_CHECK(lp[b] >= 1 && lp[b] <= d.Tk, "cache_seqlens[", b, "] = ", lp[b], " is outside [1, Tmax = ", d.Tk,
+                  "]");
+    decode_attention_cpu(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), lp, out.data_ptr(), d.B, d.H, d.Hkv, d.Tq,
+                         d.Tk, d.D, float(scale), num_splits);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(gptkernels, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window, "
+      "float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, float scale, "
+      "bool causal, int window, float dropout_p, int seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, "
+      "int num_splits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gptkernels, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+  m.impl("decode_attention", &decode_attention);
+}
+
+#ifdef GPTKERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(gptkernels, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+  m.impl("decode_attention", &decode_attention);
+}
+#endif
+
+}  // namespace gptkernels

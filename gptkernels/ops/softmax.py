@@ -1,0 +1,178 @@
+"""Softmax over the last dim with a scale, an additive or boolean mask, and causal masking.
+
+Math (row-wise over the last dim N, in fp32 whatever the input dtype):
+    z = scale * x + mask,   z[..., i, j] = -inf for j > i when causal
+    y = exp(z - max_j z) / sum_j exp(z - max_j z);   a row whose z is all -inf (fully masked) gives y = 0, not NaN
+Backward:
+    dz = y * (dy - sum_j dy * y)   (the gradient of the logits z; 0 wherever y is 0, so masked positions get 0)
+    dx = scale * dz,   dmask = dz summed over the dims the mask was broadcast along
+
+Shapes: x, y: (..., N), any float dtype on the torch backend, fp32/fp16/bf16 on the kernels; y has x's dtype.
+causal: x: (..., T, N), row i (index in dim -2) sees columns j <= i, top-left aligned as in PyTorch SDPA, so
+T != N is fine. mask: broadcastable to x, e.g. (T, N), (1, 1, T, N), (N,), (B, 1, 1, N).
+
+Mask handling: a bool mask (True = keep, as SDPA's attn_mask) becomes an fp32 additive mask (0 / -inf) and a
+float mask is cast to fp32, both in the mask's own shape. The kernels read it through broadcast strides (stride 0
+on broadcast dims) of x's (B, H, T, N) view, so a (T, N) mask on a (B, H, T, N) input costs T*N floats, never
+B*H*T*N. (Only a > 4-D x whose mask broadcast cannot be folded into one leading dim gets a copy at x's size.)
+A float mask that requires grad gets dmask (in its own shape and dtype): the bwd kernel then also writes dz in
+fp32 (4 B per element), summed with torch. Bool masks and causal masking have no gradient.
+
+Backward saves y only (x.dtype, the forward's output): not x and not the mask.
+
+Backends: cuda (CUDA C++), triton, cpu (C++/OpenMP), torch (the eager reference below, autograd by PyTorch).
+See gptkernels._dispatch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gptkernels import _dispatch
+
+_NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def _additive_mask(mask, dtype):
+    """A bool keep-mask as 0 / -inf in ``dtype``, or a float mask cast to ``dtype`` (same shape)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, _NEG_INF)
+    return mask.to(dtype)
+
+
+def softmax_ref(x, scale=1.0, causal=False, mask=None):
+    """Eager PyTorch; 16-bit inputs are computed in fp32, fp32/fp64 in their own dtype. Returns y in x.dtype.
+
+    Fully masked rows give zeros (torch.softmax would give NaN). Differentiable in x and a float mask.
+    """
+    z = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    z = z * scale
+    if mask is not None:
+        z = z + _additive_mask(mask, z.dtype)
+    if causal:
+        t, n = z.shape[-2:]
+        keep = torch.ones(t, n, dtype=torch.bool, device=z.device).tril()
+        z = z.masked_fill(~keep, _NEG_INF)
+    # softmax is shift invariant: the max carries no gradient.
+    m = z.amax(-1, keepdim=True).detach()
+    m = torch.where(m == _NEG_INF, torch.zeros_like(m), m)  # all -inf: exp(-inf - 0) = 0, not exp(NaN)
+    e = torch.exp(z - m)
+    s = e.sum(-1, keepdim=True)
+    y = e / torch.where(s > 0, s, torch.ones_like(s))
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- registration
+def _fwd_fake(x, mask, scale, causal):
+    return x.new_empty(x.shape)  # contiguous, whatever x's strides
+
+
+def _bwd_fake(y, dy, scale, mask_grad):
+    dz = y.new_empty(y.shape if mask_grad else (0,), dtype=torch.float32)
+    return y.new_empty(y.shape), dz
+
+
+@torch.library.custom_op("gptkernels::softmax_fwd_triton", mutates_args=())
+def _softmax_fwd_triton(x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
+    from gptkernels.triton import softmax as tl_sm
+
+    return tl_sm.softmax_fwd(x, mask, scale, causal)
+
+
+@torch.library.custom_op("gptkernels::softmax_bwd_triton", mutates_args=())
+def _softmax_bwd_triton(
+    y: torch.Tensor, dy: torch.Tensor, scale: float, mask_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from gptkernels.triton import softmax as tl_sm
+
+    return tl_sm.softmax_bwd(y, dy, scale, mask_grad)
+
+
+torch.library.register_fake("gptkernels::softmax_fwd_triton")(_fwd_fake)
+torch.library.register_fake("gptkernels::softmax_bwd_triton")(_bwd_fake)
+if _dispatch.extension() is not None:  # the C++ ops exist only when the extension loaded
+    torch.library.register_fake("gptkernels::softmax_fwd")(_fwd_fake)
+    torch.library.register_fake("gptkernels::softmax_bwd")(_bwd_fake)
+
+
+def _ops(backend):
+    if backend == "triton":
+        return torch.ops.gptkernels.softmax_fwd_triton, torch.ops.gptkernels.softmax_bwd_triton
+    return torch.ops.gptkernels.softmax_fwd, torch.ops.gptkernels.softmax_bwd  # cpu and cuda: by device
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+class SoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask, scale, causal, backend):
+        fwd, _ = _ops(backend)
+        y = fwd(x, _additive_mask(mask, torch.float32) if mask is not None else None, scale, causal)
+        ctx.save_for_backward(y)
+        ctx.scale, ctx.backend = scale, backend
+        ctx.mask_shape = mask.shape if mask is not None else None
+        ctx.mask_dtype = mask.dtype if mask is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        _, bwd = _ops(ctx.backend)
+        mask_grad = ctx.needs_input_grad[1]
+        dx, dz = bwd(y, dy, ctx.scale, mask_grad)
+        dmask = dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype) if mask_grad else None
+        return dx if ctx.needs_input_grad[0] else None, dmask, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------- public
+def _check(x, scale, causal, mask):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(
+            f"softmax: x must be a floating-point tensor, got {type(x).__name__}"
+            f"{' of dtype ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}"
+        )
+    if x.dim() < 1:
+        raise ValueError("softmax: x must have at least 1 dim (softmax runs over the last), got a 0-d tensor")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"softmax: scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax: scale must be finite, got {scale}")
+    if causal and x.dim() < 2:
+        raise ValueError(f"softmax: causal=True needs x with at least 2 dims (..., T, N), got shape {tuple(x.shape)}")
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"softmax: mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"softmax: mask must be bool (True = keep) or floating point (additive), got {mask.dtype}")
+    if mask.device != x.device:
+        raise ValueError(f"softmax: mask is on {mask.device} but x is on {x.device}")
+    ok = mask.dim() <= x.dim() and all(m in (1, s) for m, s in zip(reversed(mask.shape), reversed(x.shape)))
+    if not ok:
+        raise ValueError(
+            f"softmax: mask of shape {tuple(mask.shape)} is not broadcastable to x of shape {tuple(x.shape)}"
+        )
+
+
+def softmax(x, scale=1.0, causal=False, mask=None, backend=None):
+    """softmax(scale * x + mask) over the last dim, optionally causal; fully masked rows give zeros.
+
+    Args:
+        x: (..., N) float32, float16 or bfloat16 (any float dtype on the torch backend). Any strides.
+        scale: Python float multiplying x before the mask is added (e.g. 1/sqrt(head_dim)).
+        causal: if True, x is (..., T, N) and row i sees only columns j <= i (top-left aligned, as PyTorch SDPA;
+            T != N allowed).
+        mask: None, a bool tensor (True = keep) or a float tensor added to scale * x, broadcastable to x's shape
+            (e.g. (T, N), (1, 1, T, N), (N,)). A float mask that requires grad receives its gradient.
+        backend: "cuda", "triton", "cpu", "torch" or None (then GPTKERNELS_BACKEND, then automatic).
+
+    Returns:
+        y (..., N) in x.dtype, contiguous. Backward saves y only.
+    """
+    _check(x, scale, causal, mask)
+    be = _dispatch.select("softmax", x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    if be == "torch":
+        return softmax_ref(x, scale, causal, mask)
+    return SoftmaxFunction.apply(x, mask, float(scale), bool(causal), be)
