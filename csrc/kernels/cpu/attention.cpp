@@ -32,6 +32,7 @@
 
 #include "../attention_rng.h"
 #include "dtype.h"
+#include "parallel.h"
 
 namespace gptkernels {
 namespace attn_cpu {
@@ -75,14 +76,6 @@ struct DecodeArgs {
   float scale;
   int64_t num_splits;
 };
-
-inline int num_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 // Query at position i sees key j (window > 0 implies causal; the entry points normalize causal accordingly).
 inline bool visible(int64_t i, int64_t j, bool causal, int64_t window) {

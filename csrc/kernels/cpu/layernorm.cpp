@@ -10,25 +10,10 @@
 #endif
 
 #include "dtype.h"
+#include "parallel.h"
 
 namespace gptkernels {
 namespace {
-
-int num_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // Sum of f(j) over j < N: 16 independent fp32 lanes over blocks of 256 values, block totals in fp64. The lanes
 // vectorize without -ffast-math, and the result does not depend on whether they do (sanitizer builds run them

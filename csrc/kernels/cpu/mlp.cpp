@@ -9,6 +9,7 @@
 #endif
 
 #include "dtype.h"
+#include "parallel.h"
 
 // The fp32 loops carry target_clones: the extension is built for baseline x86-64 (SSE2), and GELU's exp is
 // compute-heavy enough on 2 cores that 4-wide vectors would leave it compute-bound. GCC emits an AVX-512, an AVX2
@@ -28,22 +29,6 @@
 
 namespace gptkernels {
 namespace {
-
-int num_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // exp(x) for the simd loops: std::exp does not vectorize without -ffast-math. 2^k * e^r with k = round(x/ln2)
 // (the 1.5 * 2^23 shifter rounds to nearest and leaves k in the low mantissa bits), r = x - k*ln2 in two parts

@@ -1,0 +1,26 @@
+// OpenMP thread queries that also compile without OpenMP (then everything runs on one thread).
+#pragma once
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace gptkernels {
+
+inline int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace gptkernels
