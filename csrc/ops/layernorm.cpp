@@ -58,6 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd(const a
     TORCH_CHECK(false, "gptkernels was built without CUDA");
 #endif
   } else {
+    prefault_output(y.data_ptr(), y.nbytes());
+    if (has_res) prefault_output(h.data_ptr(), h.nbytes());
     layernorm_fwd_cpu(dt, x.data_ptr(), opt_ptr(r), w.data_ptr<float>(), opt_float_ptr(b), y.data_ptr(),
                       has_res ? h.data_ptr() : nullptr, mean_p, rstd.data_ptr<float>(), M, N, float(eps), rms);
   }
@@ -111,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& d
     TORCH_CHECK(false, "gptkernels was built without CUDA");
 #endif
   } else {
+    prefault_output(dx.data_ptr(), dx.nbytes());
     layernorm_bwd_cpu(dt, dy.data_ptr(), opt_ptr(dh), hin.data_ptr(), w.data_ptr<float>(), opt_float_ptr(mean),
                       rstd.data_ptr<float>(), dx.data_ptr(), dw.data_ptr<float>(), db_p, M, N, rms);
   }

@@ -60,6 +60,7 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x_, const std::optional<at::Tensor>& 
     TORCH_CHECK(false, "gptkernels was built without CUDA");
 #endif
   } else {
+    prefault_output(y.data_ptr(), y.nbytes());
     bias_gelu_fwd_cpu(dt, act, x.data_ptr(), opt_float_ptr(b), y.data_ptr(), M, N);
   }
   return y;
@@ -101,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& d
     TORCH_CHECK(false, "gptkernels was built without CUDA");
 #endif
   } else {
+    prefault_output(dx.data_ptr(), dx.nbytes());
     bias_gelu_bwd_cpu(dt, act, dy.data_ptr(), x.data_ptr(), opt_float_ptr(b), dx.data_ptr(), db_p, y_p, M, N);
   }
   return {dx, db, y};
