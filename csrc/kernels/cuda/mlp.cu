@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "convert.cuh"
 #include "mlp.cuh"
 
 namespace gptkernels {
@@ -22,38 +23,7 @@ constexpr int kMaxColThreads = 128;  // blockDim.x cap of the bias kernels
 constexpr int kFlatThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
 
-// ---- element access: VEC elements of T as fp32, one 16-byte instruction when VEC > 1.
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-// Round to nearest even, as PyTorch's casts do.
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
+// ---- element access: VEC elements of T as fp32, one 16-byte instruction when VEC > 1 (to_f/from_f: convert.cuh).
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
   T e[VEC];
