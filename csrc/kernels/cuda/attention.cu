@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "../attention_rng.h"
+#include "convert.cuh"
 
 namespace gptkernels {
 namespace {
@@ -45,24 +46,7 @@ constexpr size_t kSmemLimitSm80 = 166912;
 
 // ---- element types -----------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+// to_f / from_f: csrc/kernels/cuda/convert.cuh.
 
 // 16 bytes of T.
 template <typename T>
