@@ -7,12 +7,23 @@ import torch
 from gptkernels.ops.mlp import ACTIVATIONS, fused_mlp
 
 
+def autocast_dtype(device_type: str):
+    """The autocast dtype when autocast is on for ``device_type``, else None. Our custom ops are not on autocast's
+    lists, so modules that feed GEMMs cast their inputs themselves, as nn.Linear does under autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _cast(t, dtype):
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 class FusedMLP(torch.nn.Module):
     """``c_proj(act(c_fc(x)))`` with nanoGPT's parameter names, so a nanoGPT ``MLP`` state_dict loads as is.
 
     ``c_fc``: nn.Linear(n_embd, hidden), ``c_proj``: nn.Linear(hidden, n_embd). ``forward(x, residual=None)``
     returns the MLP output, plus ``residual`` when given (added inside the proj GEMM). Hugging Face GPT-2 stores
     these weights as ``Conv1D`` ((in, out), transposed): load those with :meth:`from_conv1d_state_dict`.
+    Under autocast the inputs and weights are cast to the autocast dtype (the output is in that dtype).
     Dropout is not part of this module (nanoGPT applies it after c_proj; do that outside).
     """
 
@@ -28,8 +39,10 @@ class FusedMLP(torch.nn.Module):
         self.backend = backend
 
     def forward(self, x, residual=None):
-        return fused_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
-                         self.activation, residual=residual, backend=self.backend)
+        dt = autocast_dtype(x.device.type)  # under autocast: everything in the autocast dtype, like nn.Linear
+        w = [_cast(t, dt) for t in (x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
+                                    residual)]
+        return fused_mlp(*w[:5], self.activation, residual=w[5], backend=self.backend)
 
     @staticmethod
     def conv1d_to_linear_state_dict(state_dict, prefix=""):

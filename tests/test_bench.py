@@ -132,14 +132,26 @@ def test_wrong_provider_is_fail_and_not_timed(tmp_path):
 def test_unavailable_op_and_model_are_reported_not_raised(tmp_path):
     register_op(Placeholder("not_written_yet", "gptkernels.ops.not_written_yet"))
     try:
-        rc = bench.main([*TINY, "--ops", "not_written_yet", "--model", "gpt2", "--out", str(tmp_path)])
+        rc = bench.main([*TINY, "--ops", "not_written_yet", "--model", "no-such-model", "--out", str(tmp_path)])
     finally:
         OPS.pop("not_written_yet")
     assert rc == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     reasons = {r["op"]: r["reason"] for r in rows}
     assert "No module named 'gptkernels.ops.not_written_yet'" in reasons["not_written_yet"]
-    assert reasons["model:gpt2"].startswith("not available yet")
+    assert reasons["model:no-such-model"].startswith("unknown model preset 'no-such-model'")
+
+
+def test_model_step_is_checked_and_timed(tmp_path):
+    """--model: a whole GPT step, logits and every parameter gradient checked against fp64 before timing."""
+    rc = bench.main([*TINY, "--model", "tiny", "--mode", "fwd+bwd", "--providers", "eager,gptkernels-cpu",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["op"] == "model:tiny"]
+    got = {r["provider"]: r for r in rows}
+    for prov in ("eager", "gptkernels-cpu"):
+        assert got[prov]["status"] == "ok", got[prov]["reason"]
+        assert got[prov]["ms_p50"] > 0 and got[prov]["tflops"] > 0
 
 
 def _row(op, provider, p50, spread=1.02, status="ok"):

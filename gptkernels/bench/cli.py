@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
                    help="regression report of two results.json files (no benchmark runs)")
     p.add_argument("--summary", metavar="RESULTS.json", help="headline per op of a results.json (no benchmark runs)")
-    p.add_argument("--model", metavar="NAME", help="benchmark a whole GPT model step (not available yet)")
+    p.add_argument("--model", metavar="NAME",
+                   help="also benchmark one step of a GPT model preset (tiny, gpt2, ...): logits and all grads")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new problem after S seconds; the rest are reported as skipped")
     p.add_argument("--seed", type=int, default=None, help="input seed (default: fresh, recorded in the JSON)")

@@ -122,13 +122,11 @@ def unavailable_reason(name: str) -> str | None:
 
 
 def model_spec(name: str) -> tuple[OpSpec | None, str | None]:
-    """The whole-model benchmark hook: ``gptkernels.model.bench_spec(name)`` returning an :class:`OpSpec` of one
-    training step (then it runs like any op). Until the GPT model exists: (None, why it is not available)."""
+    """The whole-model benchmark: an :class:`OpSpec` of one GPT training step (then it runs like any op), or
+    (None, why) for an unknown model preset."""
+    from gptkernels.bench.model_spec import bench_spec
+
     try:
-        mod = importlib.import_module("gptkernels.model")
-    except ImportError as e:
-        return None, f"not available yet: gptkernels.model does not exist ({e})"
-    hook = getattr(mod, "bench_spec", None)
-    if hook is None:
-        return None, "not available yet: gptkernels.model has no bench_spec(name) hook"
-    return hook(name), None
+        return bench_spec(name), None
+    except ValueError as e:
+        return None, str(e)

@@ -1,0 +1,350 @@
+"""A GPT-2 model whose blocks run on gptkernels: fused residual + LayerNorm, fused attention, fused MLP.
+
+    h = wte(idx) + wpe(pos)                                   # (B, T, C) residual stream
+    per block:  a    = attn(ln_1(h))                          # causal self-attention, c_attn -> SDPA -> c_proj
+                m, h = ln_2(a, residual=h)                    # h += a and LayerNorm in one kernel
+                h    = mlp(m, residual=h)                     # h += c_proj(gelu(c_fc(m))), residual in the epilogue
+    logits = lm_head(ln_f(h))                                 # lm_head tied to wte
+
+GPT(config, backend="torch") runs the same module tree on the eager PyTorch references of every op: the reference
+model that tests and the profiler compare against. Parameter names follow nanoGPT (transformer.wte, .h.N.attn.c_attn,
+...), so nanoGPT checkpoints load as they are; :meth:`GPT.from_hf` converts Hugging Face GPT-2 (Conv1D) weights.
+
+Inference uses a :class:`KVCache`: the prompt is prefilled with the fused attention, then each new token attends to
+the cache with ``decode_attention``. A decode step reads its position from a device tensor and writes the cache in
+place, so it has static shapes and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptkernels import nn as gknn
+from gptkernels.nn_mlp import _cast, autocast_dtype
+from gptkernels.ops.attention import decode_attention, scaled_dot_product_attention
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024  # maximum sequence length (learned positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_tanh"  # GPT-2's gelu_new
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive int, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in ("gelu_tanh", "gelu", "relu"):
+            raise ValueError(f"GPTConfig: activation must be gelu_tanh, gelu or relu, got {self.activation!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GPTConfig:
+        """A named configuration (see PRESETS) with fields overridden, e.g. ``preset("gpt2", block_size=256)``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"GPTConfig has no field(s) {', '.join(bad)}; fields: {', '.join(sorted(known))}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    # GPT-2 sizes (Radford et al. 2019): 124M, 350M, 774M, 1558M parameters.
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    # Small ones for tests and CPU demos; byte-level vocab (256) for the built-in trainer corpus.
+    "tiny": GPTConfig(block_size=128, vocab_size=256, n_layer=2, n_head=2, n_embd=64),
+    "mini": GPTConfig(block_size=256, vocab_size=256, n_layer=4, n_head=4, n_embd=128),
+    "small": GPTConfig(block_size=256, vocab_size=256, n_layer=6, n_head=6, n_embd=384),
+}
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences of equal length.
+
+    k, v: (n_layer, B, H, max_len, D). ``length`` (a Python int) is the number of cached positions; ``pos`` holds the
+    same number as a device tensor, which a decode step reads and advances, so a CUDA graph of a step replays
+    correctly (the graph advances ``pos``; call :meth:`sync_length` after replays to update ``length``).
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int | None = None, device=None, dtype=torch.float32):
+        max_len = config.block_size if max_len is None else max_len
+        if not 1 <= max_len <= config.block_size:
+            raise ValueError(f"KVCache: max_len must be in [1, block_size={config.block_size}], got {max_len}")
+        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.zeros(1, device=device, dtype=torch.long)
+        self.length = 0
+        self.batch, self.max_len = batch, max_len
+
+    def reset(self):
+        self.pos.zero_()
+        self.length = 0
+
+    def sync_length(self):
+        self.length = int(self.pos.item())
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, backend=None):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.backend = backend
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        # (B, T, 3, H, D) -> three (B, H, T, D) views: the kernels read any strides, no copy here.
+        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is None:
+            p = self.dropout if self.training else 0.0
+            y = scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, backend=self.backend)
+        else:
+            # Write the T new keys/values at positions pos .. pos+T-1 (in place, index from a device tensor).
+            idx = cache.pos + torch.arange(T, device=x.device)
+            cache.k[layer].index_copy_(2, idx, k.to(cache.k.dtype))
+            cache.v[layer].index_copy_(2, idx, v.to(cache.v.dtype))
+            if cache.length == 0:  # prefill: attention within the prompt, the fused kernel
+                y = scaled_dot_product_attention(q, k, v, is_causal=True, backend=self.backend)
+            else:  # decode: the new queries against the whole cache (bottom-right causal)
+                seqlens = (cache.pos + T).expand(B)
+                y = decode_attention(q.to(cache.k.dtype), cache.k[layer], cache.v[layer], seqlens,
+                                     backend=self.backend).to(q.dtype)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = self.c_proj(y)
+        return F.dropout(y, self.dropout, self.training) if self.dropout else y
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, backend=None):
+        super().__init__()
+        eps, bias = config.layer_norm_epsilon, config.bias
+        self.ln_1 = gknn.LayerNorm(config.n_embd, eps=eps, bias=bias, backend=backend)
+        self.attn = CausalSelfAttention(config, backend)
+        self.ln_2 = gknn.LayerNorm(config.n_embd, eps=eps, bias=bias, backend=backend)
+        self.mlp = gknn.FusedMLP(config.n_embd, 4 * config.n_embd, config.activation, bias, backend=backend)
+        self.dropout = config.dropout
+
+    def forward(self, h, cache=None, layer=0):
+        a = self.attn(self.ln_1(h), cache, layer)  # (B, T, C)
+        m, h = self.ln_2(a, residual=h)  # h = h + a; m = ln_2(h)
+        if self.dropout and self.training:  # dropout sits between the MLP and the residual add
+            return h + F.dropout(self.mlp(m), self.dropout, True)
+        return self.mlp(m, residual=h)  # h + mlp(m), the add done by the c_proj GEMM
+
+
+class GPT(nn.Module):
+    """GPT-2 on gptkernels. ``backend``: "cuda", "triton", "cpu", "torch" (the eager reference) or None (auto)."""
+
+    def __init__(self, config: GPTConfig, backend: str | None = None):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        self.config, self.backend = config, backend
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config, backend) for _ in range(config.n_layer)]),
+            ln_f=gknn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias, backend=backend),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+        std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
+        """idx: (B, T) int64 token ids. targets: (B, T) or None (-1 = ignored). cache: a KVCache to prefill
+        (cache.length == 0) or extend. last_only: compute logits for the last position only (generation).
+
+        Returns (logits, loss): logits (B, T, V) or (B, 1, V), float32 unless autocast; loss is None without targets.
+        """
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"GPT: idx must be (B, T) int64 token ids, got {tuple(idx.shape)} {idx.dtype}")
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {start + T} exceeds block_size {self.config.block_size}")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"GPT: cache holds {cache.max_len} positions, {start + T} needed")
+        if cache is not None and cache.batch != B:
+            raise ValueError(f"GPT: cache was made for batch {cache.batch}, idx has batch {B}")
+        dev = idx.device
+        pos = torch.arange(T, device=dev) + (cache.pos if cache is not None else 0)  # (T,)
+        h = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        if self.config.dropout and self.training:
+            h = F.dropout(h, self.config.dropout, True)
+        ac = autocast_dtype(dev.type)  # the ops are not autocast-aware: the residual stream runs in that dtype
+        h = _cast(h, ac)
+        for i, block in enumerate(self.transformer.h):
+            h = block(h, cache, i)
+        if cache is not None:
+            cache.pos += T
+            cache.length += T
+        if last_only:
+            h = h[:, -1:, :]
+        h = self.transformer.ln_f(h)
+        logits = self.lm_head(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------ numbers
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; the position embedding is left out by default (the tied wte counts once, in lm_head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (fwd + bwd): 6 N + 12 L C T (PaLM appendix B; attention scores and values)."""
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+
+    def configure_optimizer(self, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW with decay on matrices (dim >= 2) only; the fused CUDA implementation when on a GPU."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+
+    def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+        p = self.transformer.wte.weight
+        return KVCache(self.config, batch, max_len, device=p.device, dtype=dtype or p.dtype)
+
+    # --------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True):
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+
+        temperature 0 is greedy. top_k keeps the k most likely tokens, top_p the smallest set whose probability
+        reaches p. With use_cache (default) the prompt is prefilled once and each step attends to a KV cache; the
+        total length must then fit in block_size. Without the cache every step reruns the whole (cropped) sequence.
+        """
+        from gptkernels.sample import sample_next
+
+        if max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        B, T = idx.shape
+        if use_cache:
+            total = T + max_new_tokens
+            if total > self.config.block_size:
+                raise ValueError(f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                                 f"block_size {self.config.block_size}; use_cache=False crops the context instead")
+            cache = self.make_cache(B, total)
+            logits, _ = self(idx, cache=cache, last_only=True)
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                idx = torch.cat([idx, nxt], dim=1)
+                if i + 1 < max_new_tokens:
+                    logits, _ = self(nxt, cache=cache, last_only=True)
+            return idx
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.config.block_size:]
+            logits, _ = self(ctx, last_only=True)
+            idx = torch.cat([idx, sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)], dim=1)
+        return idx
+
+    # ------------------------------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_hf(cls, model_or_path, backend: str | None = None) -> GPT:
+        """A GPT holding the weights of a Hugging Face ``GPT2LMHeadModel`` (an object, or a local folder with
+        config.json and the weights; nothing is downloaded). Conv1D weights (in, out) are transposed to Linear."""
+        hf = model_or_path
+        if isinstance(model_or_path, (str, os.PathLike)):
+            path = os.fspath(model_or_path)
+            if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+                raise FileNotFoundError(f"from_hf: {path!r} is not a folder with a config.json (a saved "
+                                        f"GPT2LMHeadModel); hub names are not fetched")
+            try:
+                from transformers import GPT2LMHeadModel
+            except ImportError as e:
+                raise ImportError("from_hf with a path needs `pip install transformers`") from e
+            hf = GPT2LMHeadModel.from_pretrained(path, local_files_only=True)
+        hc = getattr(hf, "config", None)
+        if hc is None or getattr(hc, "model_type", None) != "gpt2":
+            raise ValueError(f"from_hf: expected a GPT-2 model (config.model_type 'gpt2'), got "
+                             f"{getattr(hc, 'model_type', type(hf).__name__)!r}")
+        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+        if hc.activation_function not in act:
+            raise ValueError(f"from_hf: activation_function {hc.activation_function!r} not supported; "
+                             f"supported: {', '.join(act)}")
+        if getattr(hc, "scale_attn_by_inverse_layer_idx", False) or not getattr(hc, "scale_attn_weights", True):
+            raise ValueError("from_hf: only the default attention scaling 1/sqrt(head_dim) is supported "
+                             "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)")
+        n_inner = hc.n_inner if hc.n_inner is not None else 4 * hc.n_embd
+        if n_inner != 4 * hc.n_embd:
+            raise ValueError(f"from_hf: n_inner {n_inner} != 4 * n_embd is not supported")
+        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
+                           n_head=hc.n_head, n_embd=hc.n_embd, layer_norm_epsilon=hc.layer_norm_epsilon,
+                           activation=act[hc.activation_function])
+        sd = hf.state_dict()
+        model = cls(config, backend=backend)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = model.state_dict()
+        new = {}
+        for k, v in sd.items():
+            if k.endswith(("attn.masked_bias", "attn.bias")) and k not in ours:
+                continue  # old HF checkpoints carry the causal mask as a buffer
+            if k not in ours:
+                raise ValueError(f"from_hf: unexpected key {k!r} in the Hugging Face state dict")
+            new[k] = v.t() if k.endswith(conv1d) else v
+        missing = set(ours) - set(new)
+        if missing - {"lm_head.weight"}:
+            raise ValueError(f"from_hf: keys missing from the Hugging Face state dict: {sorted(missing)}")
+        new.setdefault("lm_head.weight", new["transformer.wte.weight"])
+        with torch.no_grad():
+            for k, p in ours.items():
+                if tuple(p.shape) != tuple(new[k].shape):
+                    raise ValueError(f"from_hf: {k} has shape {tuple(new[k].shape)}, expected {tuple(p.shape)}")
+                p.copy_(new[k])
+        return model.to(device=next(hf.parameters()).device)

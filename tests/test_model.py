@@ -1,0 +1,167 @@
+"""The GPT model: kernels vs the fp64 eager model, Hugging Face parity, presets and clear errors."""
+
+import copy
+
+import pytest
+import torch
+from conftest import INTERPRET, assert_close
+
+from gptkernels.model import GPT, PRESETS, GPTConfig, KVCache
+
+TINY = GPTConfig.preset("tiny", block_size=32, vocab_size=97, n_embd=48, n_head=3)  # head_dim 16, odd vocab
+
+
+def _fp64_reference(model):
+    ref = copy.deepcopy(model).double()
+    for m in ref.modules():
+        if hasattr(m, "backend"):
+            m.backend = "torch"
+    ref.backend = "torch"
+    return ref
+
+
+def _grads(model, idx, targets):
+    logits, loss = model(idx, targets)
+    params = [p for _, p in model.named_parameters()]
+    dy = torch.Generator().manual_seed(1)
+    g = torch.randn(logits.shape, generator=dy, dtype=torch.float64).to(logits.dtype)
+    grads = torch.autograd.grad((logits * g).sum() + loss, params)
+    return logits, loss, dict(zip([n for n, _ in model.named_parameters()], grads))
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="needs TRITON_INTERPRET=1"))])
+def test_model_matches_fp64_reference(backend):
+    """Logits, loss and every parameter gradient of the kernel model against the same weights in fp64."""
+    torch.manual_seed(torch.initial_seed())
+    model = GPT(TINY, backend=backend)
+    with torch.no_grad():  # non-trivial norm parameters and biases, so their gradients and effects are exercised
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    ref = _fp64_reference(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 17))
+    targets = torch.randint(0, TINY.vocab_size, (2, 17))
+    targets[0, 3] = -1  # ignored position
+    logits, loss, grads = _grads(model, idx, targets)
+    rlogits, rloss, rgrads = _grads(ref, idx, targets)
+    assert_close(logits, rlogits, name="logits")
+    assert_close(loss, rloss, name="loss")
+    assert set(grads) == set(rgrads)
+    for n in grads:
+        assert_close(grads[n], rgrads[n], name=f"d{n}")
+
+
+def test_presets_and_parameter_counts():
+    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"}
+    with torch.device("meta"):
+        n = GPT(GPTConfig.preset("gpt2"), backend="torch").num_params(non_embedding=False)
+    assert n == 124_439_808  # GPT-2 small with tied embeddings, vocab 50257, 1024 positions
+    assert GPTConfig.preset("gpt2", block_size=256).block_size == 256
+
+
+def test_state_dict_has_nanogpt_names_and_tied_head():
+    model = GPT(TINY, backend="cpu")
+    keys = set(model.state_dict())
+    for k in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+              "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.1.ln_2.bias",
+              "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.ln_f.weight",
+              "lm_head.weight"):
+        assert k in keys
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # c_proj init scaled by 1/sqrt(2 * n_layer) (GPT-2)
+    std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert 0.5 * 0.02 / 2 < std < 1.5 * 0.02 / 2
+
+
+def test_bad_config_and_inputs_raise_clearly():
+    with pytest.raises(ValueError, match="n_embd .* divisible by n_head"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
+        GPTConfig.preset("gpt5")
+    with pytest.raises(ValueError, match="no field"):
+        GPTConfig.preset("tiny", n_layers=3)
+    with pytest.raises(ValueError, match="dropout"):
+        GPTConfig(dropout=1.5)
+    model = GPT(TINY, backend="cpu")
+    with pytest.raises(ValueError, match="exceeds block_size 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"idx must be \(B, T\)"):
+        model(torch.zeros(33, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_len"):
+        KVCache(TINY, 1, max_len=64)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_hf("/nonexistent/checkpoint")
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward():
+    model = GPT(TINY, backend="cpu").eval()
+    idx = torch.randint(0, TINY.vocab_size, (3, 12))
+    full, _ = model(idx)
+    cache = model.make_cache(3, 12)
+    first, _ = model(idx[:, :7], cache=cache)
+    steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 10)]
+    last, _ = model(idx[:, 10:], cache=cache)  # two tokens at once (chunked prefill / speculative)
+    got = torch.cat([first, *steps, last], dim=1)
+    assert cache.length == 12 and int(cache.pos) == 12
+    assert_close(got, full.double(), name="cached logits")
+
+
+def test_autocast_bf16_runs_in_bf16():
+    model = GPT(TINY, backend="cpu")
+    idx = torch.randint(0, TINY.vocab_size, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    ref, _ = model(idx)
+    assert (logits.float() - ref).abs().max() < 0.1 * ref.abs().max()  # bf16 roundings, not a different model
+
+
+def test_compile_fullgraph_train_step():
+    model = GPT(TINY, backend="cpu")
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    logits, loss = compiled(idx, idx)
+    loss.backward()
+    g = model.transformer.h[0].attn.c_attn.weight.grad.clone()
+    model.zero_grad()
+    elogits, eloss = model(idx, idx)
+    eloss.backward()
+    assert_close(logits, elogits.double(), name="compiled logits")
+    assert_close(g, model.transformer.h[0].attn.c_attn.weight.grad.double(), name="compiled dW")
+
+
+def _hf_gpt2(**kw):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=48, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("source", ["object", "folder"])
+def test_from_hf_logits_match(source, tmp_path):
+    hf = _hf_gpt2()
+    with torch.no_grad():  # random LN / bias values: HF initialises them to 1 / 0, which would hide mistakes
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    if source == "folder":
+        hf.save_pretrained(tmp_path)
+        model = GPT.from_hf(tmp_path, backend="cpu")
+    else:
+        model = GPT.from_hf(hf, backend="cpu")
+    idx = torch.randint(0, 101, (2, 23))
+    with torch.no_grad():
+        want = hf(idx).logits
+        got, _ = model(idx)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert not torch.isnan(got).any()
+
+
+def test_from_hf_rejects_unsupported():
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        GPT.from_hf(_hf_gpt2(scale_attn_by_inverse_layer_idx=True))
+    with pytest.raises(ValueError, match="activation_function"):
+        GPT.from_hf(_hf_gpt2(activation_function="silu"))
