@@ -6,9 +6,13 @@ from gptkernels.ops.attention import attention, decode_attention, scaled_dot_pro
 from gptkernels.ops.layernorm import layer_norm, rms_norm
 from gptkernels.ops.mlp import bias_gelu, fused_mlp, swiglu
 from gptkernels.ops.softmax import softmax
+from gptkernels.patch import PatchReport, patch, unpatch
+from gptkernels.verify import VerifyReport, verify
 
 __all__ = [
     "BackendUnavailableError",
+    "PatchReport",
+    "VerifyReport",
     "__version__",
     "attention",
     "bias_gelu",
@@ -18,8 +22,11 @@ __all__ = [
     "info",
     "last",
     "layer_norm",
+    "patch",
     "rms_norm",
     "scaled_dot_product_attention",
     "softmax",
     "swiglu",
+    "unpatch",
+    "verify",
 ]
