@@ -1,4 +1,5 @@
-"""``python -m gptkernels <command>``: info (what this install contains and can run), bench (the benchmark suite)."""
+"""``python -m gptkernels <command>``: info (what this install contains and can run), bench (the benchmark suite),
+train (a GPT on the kernels), generate (sample from one), profile (inference latency side by side)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ def main(argv=None) -> int:
                        description=bench_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_cli.add_arguments(p)
     p.set_defaults(func=bench_cli.run)
+    import importlib
+
+    for name, help_ in (("train", "train a GPT on the kernels (default: the Python stdlib sources, byte-level, CPU)"),
+                        ("generate", "continue a prompt with a GPT (random, trained checkpoint or Hugging Face)"),
+                        ("profile", "inference latency: prefill and per-token decode, eager vs gptkernels vs compile")):
+        mod = importlib.import_module(f"gptkernels.{name}")
+        p = sub.add_parser(name, help=help_, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     args = parser.parse_args(argv)
     return args.func(args)
 

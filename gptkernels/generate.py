@@ -1,0 +1,252 @@
+"""``python -m gptkernels generate``: continue a prompt with a GPT on gptkernels and print the text.
+
+    python -m gptkernels generate --model tiny --prompt "Hello" --max-new-tokens 64       # random weights
+    python -m gptkernels generate --ckpt out/ckpt.pt --prompt "ROMEO:" --temperature 0.8 --top-k 40
+    python -m gptkernels generate --hf ./gpt2 --prompt-ids 464,3290 --temperature 0      # greedy
+
+Weights: --model PRESET (random init from --seed), --hf PATH (a local Hugging Face GPT-2 folder), or --ckpt PATH
+(a checkpoint of gptkernels.train: a torch.save dict with the state_dict under "model" and GPTConfig.to_dict()
+under "config"). Text: with a byte-level vocab (256) the prompt is the UTF-8 bytes of --prompt and the output is
+decoded with errors="replace". Other vocabularies take token ids (--prompt-ids 1,2,3), or text when the --hf
+folder holds a tokenizer (transformers). The last line reports tokens/s and which gptkernels backend ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EOT_GPT2 = 50256  # GPT-2's <|endoftext|>, the usual empty prompt for its 50257-token vocab
+# Keys other trainers use for the same two things (nanoGPT: model / model_args; plain loops: state_dict).
+_STATE_KEYS = ("model", "model_state_dict", "state_dict")
+_CONFIG_KEYS = ("config", "model_config", "model_args")
+_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
+
+
+class GenerateError(ValueError):
+    """A request that cannot run (bad options, unreadable checkpoint); the CLI prints it without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _strip_prefixes(state_dict):
+    out = {}
+    for k, v in state_dict.items():
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def load_checkpoint(path, backend=None):
+    """A GPT from a training checkpoint (loaded with ``weights_only=True`` on the CPU). Returns (model, info)."""
+    from gptkernels.model import GPT, GPTConfig
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise GenerateError(f"--ckpt {path!r}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GenerateError(f"--ckpt {path!r}: torch.load(weights_only=True) failed: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, dict):
+        raise GenerateError(f"--ckpt {path!r}: expected a dict with 'model' and 'config', got {type(obj).__name__}")
+    sd = next((obj[k] for k in _STATE_KEYS if isinstance(obj.get(k), dict)), None)
+    cfg = next((obj[k] for k in _CONFIG_KEYS if isinstance(obj.get(k), dict)), None)
+    if sd is None or cfg is None:
+        raise GenerateError(
+            f"--ckpt {path!r}: expected the weights under one of {', '.join(map(repr, _STATE_KEYS))} and the "
+            f"GPTConfig dict under one of {', '.join(map(repr, _CONFIG_KEYS))}; the file has keys "
+            f"{', '.join(map(repr, sorted(map(str, obj))))}")
+    known = set(GPTConfig.__dataclass_fields__)
+    try:
+        config = GPTConfig(**{k: v for k, v in cfg.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise GenerateError(f"--ckpt {path!r}: bad config {cfg!r}: {e}") from e
+    model = GPT(config, backend=backend)
+    ours = model.state_dict()
+    sd = {k: v for k, v in _strip_prefixes(sd).items() if not (k.endswith(".attn.bias") and k not in ours)}
+    sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight"))  # tied: some writers store it once
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise GenerateError(f"--ckpt {path!r}: the weights do not fit GPTConfig {config}: {e}") from e
+    extra = sorted(set(cfg) - known)
+    info = {"iter": obj.get("iter", obj.get("step")), "ignored_config_keys": extra}
+    return model, info
+
+
+def load_model(model="tiny", hf=None, ckpt=None, backend=None, seed=0):
+    """(GPT on the CPU, source description, tokenizer or None) from one of a preset, --hf or --ckpt."""
+    from gptkernels.model import GPT, GPTConfig
+
+    if hf is not None and ckpt is not None:
+        raise GenerateError("give one of --hf and --ckpt, not both")
+    if ckpt is not None:
+        m, info = load_checkpoint(ckpt, backend)
+        src = f"checkpoint {os.fspath(ckpt)}" + (f" (iter {info['iter']})" if info["iter"] is not None else "")
+        return m, src, None
+    if hf is not None:
+        try:
+            m = GPT.from_hf(hf, backend=backend)
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            raise GenerateError(f"--hf {os.fspath(hf)!r}: {e}") from e
+        return m, f"hf {os.fspath(hf)}", _hf_tokenizer(hf)
+    try:
+        config = GPTConfig.preset(model)
+    except ValueError as e:
+        raise GenerateError(str(e)) from e
+    torch.manual_seed(seed)
+    return GPT(config, backend=backend), f"{model} preset, random weights (seed {seed})", None
+
+
+def _hf_tokenizer(path):
+    """The tokenizer saved in a Hugging Face folder, or None (no tokenizer files, or no transformers)."""
+    path = os.fspath(path)
+    # Checked first: recent transformers return an empty GPT-2 tokenizer for a folder that has none.
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # unreadable tokenizer files: token ids remain the interface
+        return None
+    return tok if len(tok) > 1 else None
+
+
+# ------------------------------------------------------------------------------------------------- tokens
+def encode_prompt(text, ids, vocab_size, tokenizer=None) -> list[int]:
+    """Token ids of the prompt: --prompt-ids as given, else the UTF-8 bytes of text (vocab 256), else the tokenizer.
+    No prompt at all starts from a newline (byte vocab) or <|endoftext|> (GPT-2 vocab)."""
+    if text is not None and ids is not None:
+        raise GenerateError("give one of --prompt and --prompt-ids, not both")
+    if ids is not None:
+        try:
+            out = [int(t) for t in ids.replace(" ", "").split(",") if t]
+        except ValueError as e:
+            raise GenerateError(f"--prompt-ids must be comma-separated integers, got {ids!r}") from e
+    elif text is not None:
+        if vocab_size == 256:
+            out = list(text.encode("utf-8"))
+        elif tokenizer is not None:
+            out = list(tokenizer.encode(text))
+        else:
+            raise GenerateError(f"--prompt text needs a byte-level model (vocab 256) or an --hf folder with a "
+                                f"tokenizer; this model has vocab {vocab_size}: give token ids with --prompt-ids")
+    else:
+        out = [10] if vocab_size == 256 else [EOT_GPT2 if vocab_size > EOT_GPT2 else 0]
+    if not out:
+        raise GenerateError("the prompt is empty; give at least one token")
+    bad = [t for t in out if not 0 <= t < vocab_size]
+    if bad:
+        raise GenerateError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    return out
+
+
+def decode_tokens(ids, vocab_size, tokenizer=None) -> str:
+    if vocab_size == 256:
+        return bytes(ids).decode("utf-8", errors="replace")
+    if tokenizer is not None:
+        return tokenizer.decode(ids)
+    return ",".join(map(str, ids))
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser):
+    src = parser.add_argument_group("weights (one of)")
+    src.add_argument("--model", default="tiny", help="preset with random weights (default tiny)")
+    src.add_argument("--hf", default=None, metavar="PATH", help="a local Hugging Face GPT-2 folder (no download)")
+    src.add_argument("--ckpt", default=None, metavar="PATH", help="a checkpoint written by gptkernels.train")
+    parser.add_argument("--prompt", default=None, help="prompt text (byte-level vocab, or an --hf tokenizer)")
+    parser.add_argument("--prompt-ids", default=None, metavar="IDS", help="prompt token ids, e.g. 464,3290")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="keep the smallest set reaching probability p")
+    parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, run as one batch")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (and random-weight init)")
+    parser.add_argument("--no-cache", action="store_true", help="rerun the whole context every step (no KV cache)")
+    parser.add_argument("--backend", default=None, help="cuda, triton, cpu, torch (default: automatic)")
+    parser.add_argument("--device", default=None, help="cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+
+
+def generate_text(args) -> dict:
+    """Run one generation for parsed args; returns {"texts", "ids", "seconds", "tokens_per_s", "backend", ...}."""
+    from gptkernels._dispatch import BACKENDS, BackendUnavailableError
+    from gptkernels.profile import MODEL_OPS, backend_summary, backends_used
+
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise GenerateError("need --max-new-tokens >= 0 and --num-samples >= 1")
+    if args.backend is not None and args.backend not in BACKENDS:
+        raise GenerateError(f"--backend {args.backend!r}: choose one of {', '.join(BACKENDS)} (or leave it out: auto)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError("--device cuda: no CUDA device is visible on this machine")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, source, tok = load_model(args.model, args.hf, args.ckpt, args.backend, args.seed)
+    model = model.to(device=device, dtype=dtype).eval()
+    V = model.config.vocab_size
+    prompt = encode_prompt(args.prompt, args.prompt_ids, V, tok)
+    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)  # (S, T)
+    gen = torch.Generator().manual_seed(args.seed)  # on the CPU: the same draws for CPU and GPU runs
+    t0 = time.perf_counter()
+    try:
+        out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen,
+                             use_cache=not args.no_cache)
+    except (ValueError, BackendUnavailableError) as e:  # block_size exceeded, bad sampling arguments, a backend
+        raise GenerateError(str(e)) from e  # that cannot run here: the message says which
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    ids = out.tolist()
+    n_new = args.num_samples * args.max_new_tokens
+    # The ops this run called: a decode step (decode_attention) runs only with the cache and 2+ new tokens.
+    decoded = not args.no_cache and args.max_new_tokens >= 2
+    backends = backends_used(tuple(op for op in MODEL_OPS if decoded or op != "decode_attention"))
+    return {
+        "texts": [decode_tokens(row, V, tok) for row in ids],
+        "ids": ids,
+        "prompt_len": len(prompt),
+        "new_tokens": n_new,
+        "seconds": seconds,
+        "tokens_per_s": n_new / seconds if seconds > 0 else float("inf"),
+        "backend": backend_summary(backends) if backends else "none (no op ran)",
+        "backends": backends,
+        "source": source,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def run(args) -> int:
+    try:
+        r = generate_text(args)
+    except GenerateError as e:
+        print(f"generate: error: {e}", file=sys.stderr)
+        return 2
+    for i, text in enumerate(r["texts"]):
+        if len(r["texts"]) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+    cache = "no cache" if args.no_cache else "KV cache"
+    print(f"--- {r['new_tokens']} new tokens in {r['seconds']:.3f} s: {r['tokens_per_s']:.1f} tokens/s "
+          f"(prefill included, {cache}) | backend: {r['backend']} | {r['device']} {r['dtype']} | {r['source']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptkernels generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Generation: the KV cache changes nothing but speed, sampling limits reduce to greedy, and the generate CLI."""
+
+import pytest
+import torch
+
+from gptkernels import generate as gen_cli
+from gptkernels.model import GPT, GPTConfig
+
+BACKENDS = ["cpu", "torch"]
+
+
+def _model(backend, **overrides):
+    # block_size 32 keeps "beyond block_size" cheap to reach.
+    return GPT(GPTConfig.preset("tiny", block_size=32, **overrides), backend=backend).eval()
+
+
+def _prompt(T, B=2, V=256):
+    return torch.randint(0, V, (B, T))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 5])
+def test_cache_equals_no_cache_greedy(backend, T):
+    model, idx = _model(backend), _prompt(T)
+    with_cache = model.generate(idx, 12, temperature=0.0)
+    without = model.generate(idx, 12, temperature=0.0, use_cache=False)
+    assert with_cache.shape == (2, T + 12)
+    assert torch.equal(with_cache[:, :T], idx)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_equals_no_cache_sampling(backend):
+    # Same generator seed, same draws: the cache must not change the probabilities beyond rounding.
+    model, idx = _model(backend), _prompt(4)
+    a = model.generate(idx, 10, temperature=0.9, top_k=50, generator=torch.Generator().manual_seed(7))
+    b = model.generate(idx, 10, temperature=0.9, top_k=50, generator=torch.Generator().manual_seed(7),
+                       use_cache=False)
+    assert torch.equal(a, b)
+    c = model.generate(idx, 10, temperature=0.9, top_k=50, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, c), "the same seed must give the same tokens"
+
+
+def test_cache_logits_match_full_forward():
+    # Every decode step's logits equal the last row of a full forward over the same sequence (fp32 bound).
+    model, idx = _model("cpu"), _prompt(3, B=1)
+    seq = model.generate(idx, 6, temperature=0.0)
+    cache = model.make_cache(1, seq.shape[1])
+    with torch.no_grad():
+        logits, _ = model(seq[:, :3], cache=cache, last_only=True)
+        for t in range(3, seq.shape[1]):
+            full, _ = model(seq[:, :t], last_only=True)
+            err = (logits - full).norm() / full.norm()
+            assert err <= 1e-5, f"step {t}: rel err {err:.2e}"
+            logits, _ = model(seq[:, t:t + 1], cache=cache, last_only=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_1_and_tiny_top_p_are_greedy(backend):
+    model, idx = _model(backend), _prompt(3)
+    greedy = model.generate(idx, 8, temperature=0.0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(idx, 8, temperature=1.5, top_k=1, generator=g), greedy)
+    assert torch.equal(model.generate(idx, 8, temperature=1.5, top_p=1e-6, generator=g), greedy)
+
+
+def test_decode_beyond_block_size_with_cache_is_a_clear_error():
+    model, idx = _model("cpu"), _prompt(30)
+    with pytest.raises(ValueError, match="exceeds block_size 32"):
+        model.generate(idx, 3)
+    # Without the cache the context is cropped to block_size and generation goes on.
+    assert model.generate(idx, 3, use_cache=False).shape == (2, 33)
+    cache = model.make_cache(2, 32)
+    with torch.no_grad():
+        model(idx, cache=cache)
+        model(idx[:, :2], cache=cache)
+        with pytest.raises(ValueError, match="exceeds block_size"):
+            model(idx[:, :1], cache=cache)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def _run(capsys, *argv):
+    rc = gen_cli.main(["--device", "cpu", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_random_tiny(capsys):
+    rc, out, err = _run(capsys, "--model", "tiny", "--prompt", "Hello", "--max-new-tokens", "8", "--seed", "3",
+                        "--num-samples", "2", "--top-k", "20")
+    assert rc == 0, err
+    assert out.count("Hello") == 2 and "--- sample 2 ---" in out
+    last = out.strip().splitlines()[-1]
+    assert "16 new tokens" in last and "tokens/s" in last and "backend: cpu" in last
+
+
+def test_cli_greedy_ckpt_matches_model(capsys, tmp_path):
+    config = GPTConfig.preset("tiny", block_size=64)
+    model = GPT(config).eval()
+    # A nanoGPT-style file: compiled-model key prefixes, extra config keys, iteration number.
+    sd = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": sd, "config": {**config.to_dict(), "lr": 3e-4}, "iter": 100}, path)
+    rc, out, err = _run(capsys, "--ckpt", str(path), "--prompt", "ab", "--max-new-tokens", "6", "--temperature", "0")
+    assert rc == 0, err
+    want = model.generate(torch.tensor([[97, 98]]), 6, temperature=0.0)[0].tolist()
+    assert out.splitlines()[0] == bytes(want).decode("utf-8", errors="replace")
+    assert "(iter 100)" in out
+
+
+def test_cli_bad_ckpt(capsys, tmp_path):
+    rc, _, err = _run(capsys, "--ckpt", str(tmp_path / "missing.pt"))
+    assert rc == 2 and "no such file" in err
+    bad = tmp_path / "no_config.pt"
+    torch.save({"model": GPT(GPTConfig.preset("tiny")).state_dict()}, bad)
+    rc, _, err = _run(capsys, "--ckpt", str(bad))
+    assert rc == 2 and "'config'" in err and "the file has keys 'model'" in err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    rc, _, err = _run(capsys, "--ckpt", str(garbage))
+    assert rc == 2 and "torch.load(weights_only=True) failed" in err
+
+
+def test_cli_errors(capsys):
+    rc, _, err = _run(capsys, "--model", "tiny", "--prompt", "x" * 120, "--max-new-tokens", "20")
+    assert rc == 2 and "exceeds block_size" in err
+    rc, _, err = _run(capsys, "--model", "tiny", "--prompt-ids", "1,300")
+    assert rc == 2 and "outside the vocabulary" in err
+    rc, _, err = _run(capsys, "--model", "tiny", "--backend", "fast")
+    assert rc == 2 and "choose one of cuda, triton, cpu, torch" in err
+    if not torch.cuda.is_available():
+        rc, _, err = _run(capsys, "--model", "tiny", "--backend", "cuda", "--max-new-tokens", "2")
+        assert rc == 2 and "backend 'cuda'" in err and "cannot run" in err
+
+
+def test_prompt_encoding():
+    assert gen_cli.encode_prompt("hé", None, 256) == [104, 195, 169]
+    assert gen_cli.encode_prompt(None, "464, 3290", 50257) == [464, 3290]
+    assert gen_cli.encode_prompt(None, None, 50257) == [50256]
+    with pytest.raises(gen_cli.GenerateError, match="--prompt-ids"):
+        gen_cli.encode_prompt("text", None, 50257)
+    assert gen_cli.decode_tokens([104, 195], 256) == "h\ufffd"
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    path = tmp_path / "hf-gpt2"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_cli_hf_prompt_ids(capsys, hf_folder):
+    rc, out, err = _run(capsys, "--hf", str(hf_folder), "--prompt-ids", "5,17,299", "--max-new-tokens", "4",
+                        "--temperature", "0")
+    assert rc == 0, err
+    ids = [int(t) for t in out.splitlines()[0].split(",")]  # no tokenizer in the folder: ids are printed
+    assert ids[:3] == [5, 17, 299] and len(ids) == 7
+    want = GPT.from_hf(hf_folder).generate(torch.tensor([[5, 17, 299]]), 4, temperature=0.0)
+    assert ids == want[0].tolist()
+    rc, _, err = _run(capsys, "--hf", str(hf_folder), "--prompt", "text")
+    assert rc == 2 and "--prompt-ids" in err
