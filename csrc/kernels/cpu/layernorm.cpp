@@ -53,7 +53,7 @@ template <typename T>
 void fwd_impl(const T* x, const T* residual, const float* weight, const float* bias, T* y, T* h, float* mean,
               float* rstd, int64_t M, int64_t N, float eps, bool rms) {
   constexpr bool kF32 = std::is_same_v<T, float>;
-#pragma omp parallel
+#pragma omp parallel if (M * N >= kParallelMinWork)
   {
     // A staged fp32 row per thread, for 16-bit inputs and for h = x + r. fp32 without a residual reads x in
     // place and writes y directly: read x once (plus an L2 re-read for the variance), write y once.
@@ -102,7 +102,7 @@ void bwd_impl(const T* dy, const T* dh, const T* hin, const float* weight, const
   // Per-thread fp32 partial sums of dw and db, reduced at the end in a fixed order (deterministic for a given
   // thread count).
   std::vector<float> partial(size_t(nt) * size_t(2 * N), 0.f);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (M * N >= kParallelMinWork)
   {
     std::vector<float> xhat(N), g(N);
     float* pdw = partial.data() + size_t(thread_id()) * size_t(2 * N);
@@ -139,7 +139,7 @@ void bwd_impl(const T* dy, const T* dh, const T* hin, const float* weight, const
       }
     }
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * N >= kParallelMinWork)
   for (int64_t j = 0; j < N; ++j) {
     float sw = 0.f, sb = 0.f;
     for (int t = 0; t < nt; ++t) {

@@ -186,10 +186,10 @@ template <typename T, Act A>
 void bias_fwd_impl(const T* x, const float* b, T* y, int64_t M, int64_t N) {
   // Reads x once, writes y once: 2*M*N*elsize (the bias row stays in L1/L2).
   if constexpr (std::is_same_v<T, float>) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * N >= kParallelMinWork)
     for (int64_t i = 0; i < M; ++i) fwd_row<A>(x + i * N, b, y + i * N, N);
   } else {
-#pragma omp parallel
+#pragma omp parallel if (M * N >= kParallelMinWork)
     {
       std::vector<float> buf(N);
 #pragma omp for schedule(static)
@@ -209,7 +209,7 @@ void bias_bwd_impl(const T* dy, const T* x, const float* b, T* dx, float* dbias,
   std::vector<float> partial(dbias ? size_t(nt) * size_t(N) : 0, 0.f);
   std::vector<float> zero_bias(b ? 0 : N, 0.f);
   if (!b) b = zero_bias.data();
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (M * N >= kParallelMinWork)
   {
     float* acc = dbias ? partial.data() + size_t(thread_id()) * size_t(N) : nullptr;
     constexpr bool f32 = std::is_same_v<T, float>;
@@ -228,7 +228,7 @@ void bias_bwd_impl(const T* dy, const T* x, const float* b, T* dx, float* dbias,
     }
   }
   if (dbias) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * N >= kParallelMinWork)
     for (int64_t j = 0; j < N; ++j) {
       float s = 0.f;
       for (int t = 0; t < nt; ++t) s += partial[size_t(t) * size_t(N) + j];
@@ -243,7 +243,7 @@ constexpr int64_t kChunk = 4096;
 template <typename T>
 void silu_fwd_impl(const T* g, const T* u, T* p, int64_t numel) {
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
-#pragma omp parallel
+#pragma omp parallel if (numel >= kParallelMinWork)
   {
     std::vector<float> bg(kChunk), bu(kChunk);
 #pragma omp for schedule(static)
@@ -264,7 +264,7 @@ void silu_fwd_impl(const T* g, const T* u, T* p, int64_t numel) {
 template <typename T>
 void silu_bwd_impl(const T* dp, const T* g, const T* u, T* dg, T* du, T* p, int64_t numel) {
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
-#pragma omp parallel
+#pragma omp parallel if (numel >= kParallelMinWork)
   {
     std::vector<float> bdp(kChunk), bg(kChunk), bu(kChunk), bdg(kChunk), bdu(kChunk), bp(kChunk);
 #pragma omp for schedule(static)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "dtype.h"
+#include "parallel.h"
 
 // The row loops below are plain C++ that GCC vectorizes, but only if it may if-convert the float comparisons of
 // the exp's range check and of the row max: with trapping math (GCC's default) it must not evaluate a
@@ -211,8 +212,6 @@ GPTKERNELS_ISA_CLONES void bwd_row(const T* __restrict y, const T* __restrict dy
   }
 }
 
-// Below this many elements a single thread is faster than waking the OpenMP team.
-constexpr int64_t kParallelMinElems = 1 << 15;
 
 template <typename T>
 void fwd_impl(const T* x, int64_t stride_xm, T* y, const float* mask, int64_t B, int64_t H, int64_t T_, int64_t N,
@@ -221,7 +220,7 @@ void fwd_impl(const T* x, int64_t stride_xm, T* y, const float* mask, int64_t B,
   constexpr bool kF32 = std::is_same<T, float>::value;
   // Rows are handed out in small dynamic chunks: causal rows vary in length (t + 1 live columns), and on a shared
   // machine a preempted thread's rows are picked up by the others instead of stalling the call.
-#pragma omp parallel if (M * N >= kParallelMinElems)
+#pragma omp parallel if (M * N >= kParallelMinWork)
   {
     std::vector<float> buf(kF32 ? 0 : static_cast<size_t>(N));  // 16-bit: the fp32 row of exps
 #pragma omp for schedule(dynamic, 16)
@@ -261,7 +260,7 @@ void fwd_impl(const T* x, int64_t stride_xm, T* y, const float* mask, int64_t B,
 
 template <typename T>
 void bwd_impl(const T* y, const T* dy, int64_t stride_dym, T* dx, float* dz, int64_t M, int64_t N, float scale) {
-#pragma omp parallel for schedule(dynamic, 16) if (M * N >= kParallelMinElems)
+#pragma omp parallel for schedule(dynamic, 16) if (M * N >= kParallelMinWork)
   for (int64_t r = 0; r < M; ++r) {
     const T* yr = y + r * N;
     const T* dyr = dy + r * stride_dym;
