@@ -42,6 +42,27 @@ def nvidia_include_dirs():
     return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
 
 
+def cublaslt_library(cuda_home):
+    """Path of the libcublasLt that torch loads (pip's nvidia wheels first, then the toolkit), or None.
+
+    csrc/ops/mlp.cpp calls cuBLASLt directly (the GEMM epilogues of fused_mlp). Pip wheels ship only the versioned
+    libcublasLt.so.N, which `-lcublasLt` cannot find, so the file itself goes on the link line (its SONAME is what
+    gets recorded; at run time torch has already loaded that library).
+    """
+    cands = []
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            cands += sorted(glob.glob(os.path.join(base, "cu*", "lib", "libcublasLt.so*")))  # CUDA 13 wheels
+            cands += sorted(glob.glob(os.path.join(base, "cublas", "lib", "libcublasLt.so*")))  # CUDA 12 wheels
+    except ImportError:
+        pass
+    if cuda_home:
+        cands += sorted(glob.glob(os.path.join(cuda_home, "lib64", "libcublasLt.so*")))
+    return cands[0] if cands else None
+
+
 def find_cuda_home():
     """CUDA_HOME for torch.utils.cpp_extension, which must be set before that module is imported.
 
@@ -84,6 +105,7 @@ def extensions():
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = {}
+    link_args = ["-fopenmp"]
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch.utils.cpp_extension
@@ -95,6 +117,12 @@ def extensions():
         for d in nvidia_include_dirs():
             cxx += ["-idirafter", d]
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}
+        lt = cublaslt_library(cpp_extension.CUDA_HOME)
+        if lt:
+            link_args.append(lt)
+            log(f"linking cuBLASLt: {lt}")
+        else:  # the symbols then resolve through libtorch_cuda's own dependency on it
+            log("libcublasLt not found on disk; relying on torch's copy at load time")
         ext_cls = cpp_extension.CUDAExtension
         log(f"building CPU + CUDA kernels for archs {archs} ({why})")
     else:
@@ -106,7 +134,7 @@ def extensions():
         sources=sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
         **kwargs,
     )
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_close, backend_params
+from conftest import HAS_CUDA, INTERPRET, assert_close, backend_params
 
 import gptkernels
 from gptkernels.nn_mlp import FusedMLP
@@ -376,3 +376,273 @@ def test_fused_mlp_module_loads_nanogpt_and_conv1d():
     assert nb.c_fc.bias is None and nb(x).shape == x.shape
     with pytest.raises(ValueError, match="activation must be one of"):
         FusedMLP(n, activation="tanh")
+
+
+# ------------------------------------------------------------------------------------- Triton matmul epilogues
+# gptkernels/triton/matmul.py alone, against fp64. Devices: the interpreter on CPU, the GPU when there is one.
+# Tiny odd widths (K = 37, N = 45: neither a multiple of the 32-wide interpreter tile nor of 16).
+def _triton_device_params():
+    return [pytest.param("cpu", id="interp", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET")),
+            pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _tl_dtype_skip(device, dtype):
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton interpreter: bf16 dot/rounding differ from the GPU; bf16 runs in the gpu-marked tests")
+    _gpu_setup(device)
+
+
+_ACT64 = {None: lambda v: v, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+
+
+def _rand_mk(m, k, device, dtype, transposed):
+    # transposed: a (M, K) view of a (K, M) tensor (column stride M), the layout a weight-gradient GEMM sees
+    t = torch.randn(k, m).t() if transposed else torch.randn(m, k)
+    return t.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", _triton_device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 100])
+@pytest.mark.parametrize("activation", [None, "gelu_tanh", "gelu", "relu"])
+def test_triton_matmul_act_matches_fp64(device, dtype, m, activation):
+    from gptkernels.triton.matmul import matmul
+
+    _tl_dtype_skip(device, dtype)
+    k, n = 37, 45
+    a = _rand_mk(m, k, device, dtype, transposed=m != 17)  # 17: contiguous a; others: column-strided
+    w = (torch.randn(n, k) * k**-0.5).to(device, dtype)  # b = w.t(): an nn.Linear weight, as fused_mlp passes it
+    for has_bias, has_res in ((True, True), (False, False), (True, False)):
+        bias = (torch.randn(n) * 0.5).to(device, dtype) if has_bias else None
+        # residual: a (M, N) view with row stride 2N (every other column of a wider tensor)
+        res = torch.randn(m, 2 * n).to(device, dtype)[:, ::2] if has_res else None
+        out = matmul(a, w.t(), bias, activation, res, save_pre=activation is not None)
+        y, pre = out if activation is not None else (out, None)
+        assert y.dtype == dtype and y.shape == (m, n)
+        a64, w64 = a.double().cpu(), w.double().cpu()
+        pre64 = F.linear(a64, w64, bias.double().cpu() if has_bias else None)
+        y64 = _ACT64[activation](pre64) + (res.double().cpu() if has_res else 0)
+        if dtype in LOW:
+            ac, wc = a.cpu(), w.cpu()
+            pre_e = F.linear(ac.float(), wc.float(), bias.cpu().float() if has_bias else None).to(dtype)
+            y_e = _ACT64[activation](pre_e) + (res.cpu() if has_res else 0)
+        else:
+            pre_e = y_e = None
+        tag = f"matmul act={activation} bias={has_bias} res={has_res}"
+        assert_close(y, y64, y_e, f"{tag}: y")
+        if pre is not None:
+            assert_close(pre, pre64, pre_e, f"{tag}: pre")
+
+
+@pytest.mark.parametrize("device", _triton_device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 100])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
+def test_triton_matmul_dact_matches_fp64(device, dtype, m, activation):
+    from gptkernels.triton.matmul import matmul_dact
+
+    _tl_dtype_skip(device, dtype)
+    k, n = 45, 37  # dy (M, C = 45) @ W_proj (C, H = 37)
+    w = (torch.randn(k, n) * k**-0.5).to(device, dtype)
+    pre = (torch.randn(m, n) * 2).to(device, dtype)
+    pre64 = pre.double().cpu().requires_grad_()
+    act64 = _ACT64[activation](pre64)
+    # a fresh dy, and one with stride 0 along rows (from y.sum().backward())
+    for dy in (torch.randn(m, k).to(device, dtype), torch.randn(1, k).to(device, dtype).expand(m, k)):
+        dpre, act, db = matmul_dact(dy, w, pre, activation, want_act=True, want_dbias=True)
+        da64 = dy.double().cpu() @ w.double().cpu()
+        (dpre64,) = torch.autograd.grad(act64, pre64, da64, retain_graph=True)
+        if dtype in LOW:
+            # eager: the same dtype end to end (da rounded, GELU's backward in that dtype)
+            pre_e = pre.cpu().float().to(dtype).requires_grad_()
+            da_e = (dy.cpu().float() @ w.cpu().float()).to(dtype)
+            (dpre_e,) = torch.autograd.grad(_ACT64[activation](pre_e), pre_e, da_e)
+            act_e, db_e = _ACT64[activation](pre.cpu()), dpre_e.float().sum(0)
+        else:
+            dpre_e = act_e = db_e = None
+        stride0 = dy.stride(0) == 0
+        tag = f"matmul_dact {activation} stride0={stride0}"
+        bound = 1e-4 if activation == "relu" else 1e-5  # ReLU's kink, as in test_fused_mlp_matches_fp64
+        assert_close(dpre, dpre64, dpre_e, f"{tag}: dpre", fp32_bound=bound)
+        assert_close(act, act64.detach(), act_e, f"{tag}: act")
+        assert db.dtype == torch.float32
+        assert_close(db, dpre64.sum(0), db_e, f"{tag}: dbias", fp32_bound=bound, dtype=dtype)
+    d2, a2, b2 = matmul_dact(dy, w, pre, activation, want_act=False, want_dbias=False)
+    assert a2.numel() == 0 and b2.numel() == 0 and torch.equal(d2, dpre)
+
+
+@pytest.mark.parametrize("device", _triton_device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 100])
+def test_triton_matmul_swiglu_matches_fp64(device, dtype, m):
+    from gptkernels.triton.matmul import matmul_dswiglu, matmul_swiglu
+
+    _tl_dtype_skip(device, dtype)
+    c, hid = 37, 45
+    x = _rand_mk(m, c, device, dtype, transposed=True)
+    wg, wu = ((torch.randn(hid, c) * c**-0.5).to(device, dtype) for _ in range(2))
+    wd = (torch.randn(c, hid) * hid**-0.5).to(device, dtype)
+    p, g, u = matmul_swiglu(x, wg.t(), wu.t())
+    x64, wg64, wu64, wd64 = (t.double().cpu() for t in (x, wg, wu, wd))
+    g64, u64 = x64 @ wg64.t(), x64 @ wu64.t()
+    p64 = F.silu(g64) * u64
+    if dtype in LOW:
+        g_e, u_e = F.linear(x.cpu(), wg.cpu()), F.linear(x.cpu(), wu.cpu())
+        p_e = F.silu(g_e) * u_e
+    else:
+        g_e = u_e = p_e = None
+    for name, t, r, e in (("g", g, g64, g_e), ("u", u, u64, u_e), ("p", p, p64, p_e)):
+        assert_close(t, r, e, f"matmul_swiglu: {name}")
+    dy = torch.randn(1, c).to(device, dtype).expand(m, c)  # stride 0
+    dg, du, p2 = matmul_dswiglu(dy, wd, g, u, want_p=True)
+    g64r, u64r = g.double().cpu().requires_grad_(), u.double().cpu().requires_grad_()
+    dp64 = dy.double().cpu() @ wd64
+    rg, ru = torch.autograd.grad(F.silu(g64r) * u64r, (g64r, u64r), dp64)
+    if dtype in LOW:
+        g_er, u_er = g.cpu().requires_grad_(), u.cpu().requires_grad_()
+        eg, eu = torch.autograd.grad(F.silu(g_er) * u_er, (g_er, u_er), dy.cpu() @ wd.cpu())
+        ep = F.silu(g.cpu()) * u.cpu()
+    else:
+        eg = eu = ep = None
+    assert_close(dg, rg, eg, "matmul_dswiglu: dg")
+    assert_close(du, ru, eu, "matmul_dswiglu: du")
+    assert_close(p2, (F.silu(g64r) * u64r).detach(), ep, "matmul_dswiglu: p")
+    assert matmul_dswiglu(dy, wd, g, u, want_p=False)[2].numel() == 0
+
+
+def test_triton_matmul_edge_shapes_and_errors():
+    from gptkernels.triton.matmul import matmul
+
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET (CPU tensors)")
+    assert matmul(torch.randn(0, 5), torch.randn(5, 7)).shape == (0, 7)
+    y = matmul(torch.randn(3, 0), torch.randn(0, 7), torch.ones(7))  # K = 0: y = bias
+    assert torch.equal(y, torch.ones(3, 7))
+    with pytest.raises(ValueError, match=r"a must be \(M, K\) and b \(K, N\)"):
+        matmul(torch.randn(3, 4), torch.randn(5, 6))
+    with pytest.raises(TypeError, match="share a dtype"):
+        matmul(torch.randn(3, 4), torch.randn(4, 6).double())
+    with pytest.raises(ValueError, match="save_pre needs an activation"):
+        matmul(torch.randn(3, 4), torch.randn(4, 6), save_pre=True)
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        matmul(torch.randn(3, 4), torch.randn(4, 6), activation="tanh")
+
+
+@pytest.mark.parametrize("device", _triton_device_params())
+def test_triton_matmul_opcheck(device):
+    _gpu_setup(device)
+    ops = torch.ops.gptkernels
+    a = torch.randn(17, 24, device=device)
+    w = torch.randn(40, 24, device=device)
+    b = torch.randn(40, device=device)
+    r = torch.randn(17, 40, device=device)
+    for bias, res, act, save in ((b, r, "none", False), (b, None, "gelu_tanh", True), (None, r, "relu", True)):
+        torch.library.opcheck(ops.matmul_act_fwd_triton, (a, w.t(), bias, res, act, save))
+    pre = torch.randn(17, 24, device=device)
+    for want_act, want_db in ((True, True), (False, False)):
+        torch.library.opcheck(ops.matmul_act_bwd_triton, (torch.randn(17, 40, device=device), w, pre, "gelu",
+                                                          want_act, want_db))
+    torch.library.opcheck(ops.matmul_swiglu_fwd_triton, (a, w.t(), torch.randn(24, 40, device=device)))
+    g, u = torch.randn(17, 24, device=device), torch.randn(17, 24, device=device)
+    for want_p in (True, False):
+        torch.library.opcheck(ops.matmul_swiglu_bwd_triton, (torch.randn(17, 40, device=device), w, g, u, want_p))
+
+
+def test_gemm_path_is_recorded():
+    from gptkernels.ops.mlp import _lt_reason
+
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET (CPU tensors)")
+    x = torch.randn(3, 24)
+    p = [t.detach() for t in _mlp_params(24, 40, "cpu", torch.float32)]
+    fused_mlp(x, *p, backend="triton")
+    assert "gemm path: Triton matmul" in gptkernels.last("fused_mlp")[1]
+    swiglu(x, p[0], p[0], p[2], backend="triton")
+    assert "gemm path: Triton matmul" in gptkernels.last("swiglu")[1]
+    fused_mlp(x, *p, backend="cpu")
+    assert "gemm path: ATen GEMM" in gptkernels.last("fused_mlp")[1]
+    # the cuda backend's cuBLASLt choice is made from shapes alone; each refusal names its reason
+    assert "tanh form" in _lt_reason("gelu", 64)
+    assert "not a multiple of 8" in _lt_reason("gelu_tanh", 60)
+
+
+def test_triton_fused_mlp_bias_residual_grads_3d():
+    """fused_mlp / swiglu through the Triton epilogue GEMMs: 3-D x, residual, no-bias, every gradient."""
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET (CPU tensors)")
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    r = torch.randn(2, 9, 24, requires_grad=True)
+    for bias in (True, False):
+        params = _mlp_params(24, 40, "cpu", torch.float32, bias=bias)
+        inputs = (x, *params, r)
+        dy = torch.randn(2, 9, 24, dtype=torch.float64)
+        ours = _grads(lambda *a: fused_mlp(*a[:5], "gelu", a[5], backend="triton"),
+                      tuple(t for t in inputs), dy)
+        ref = _grads(lambda *a: fused_mlp_ref(*a[:5], "gelu", a[5]), _to64(inputs), dy)
+        names = ["dx", "dw_fc"] + (["db_fc"] if bias else []) + ["dw_proj"] + (["db_proj"] if bias else []) + ["dr"]
+        _compare("fused_mlp triton", ours, ref, None, names, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- cuBLASLt epilogues
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 1000])
+def test_cublaslt_ops_match_fp64(dtype, m):
+    _gpu_setup("cuda")
+    if gptkernels.build_info().get("cuda") is not True:
+        pytest.skip("extension built without CUDA")
+    ops = torch.ops.gptkernels
+    c, hid = 72, 200  # H % 8 == 0 (the aux ld); C = 72
+    dev = "cuda"
+    x = torch.randn(m, c, device=dev, dtype=dtype)
+    w_fc = (torch.randn(hid, c) * c**-0.5).to(dev, dtype)
+    b_fc = (torch.randn(hid) * 0.5).to(dev, dtype)
+    w_proj = (torch.randn(c, hid) * hid**-0.5).to(dev, dtype)
+    b_proj = (torch.randn(c) * 0.5).to(dev, dtype)
+    r = torch.randn(m, c, device=dev, dtype=dtype)
+    act, pre = ops.mlp_fc_gelu_lt(x, w_fc, b_fc)
+    pre64 = F.linear(x.double(), w_fc.double(), b_fc.double()).cpu()
+    low = dtype in LOW
+    pre_e = F.linear(x, w_fc, b_fc) if low else None
+    assert_close(pre, pre64, pre_e, "GELU_AUX_BIAS: pre")
+    assert_close(act, F.gelu(pre64, approximate="tanh"), F.gelu(pre_e, approximate="tanh") if low else None,
+                 "GELU_AUX_BIAS: act")
+    y = ops.mlp_linear_lt(act, w_proj, b_proj, r)
+    y64 = F.linear(act.double(), w_proj.double(), b_proj.double()).cpu() + r.double().cpu()
+    assert_close(y, y64, F.linear(act, w_proj, b_proj) + r if low else None, "BIAS + residual: y")
+    # a misaligned view (storage offset 1 element) and a stride-0 dy: both copied by the glue, not refused
+    dy = torch.randn(1, c, device=dev, dtype=dtype).expand(m, c)
+    dpre, db = ops.mlp_dgelu_lt(dy, w_proj, pre, True)
+    pre64r = pre.double().cpu().requires_grad_()
+    da64 = (dy.double() @ w_proj.double()).cpu()
+    (dpre64,) = torch.autograd.grad(F.gelu(pre64r, approximate="tanh"), pre64r, da64)
+    if low:
+        pre_er = pre.detach().clone().requires_grad_()
+        (dpre_e,) = torch.autograd.grad(F.gelu(pre_er, approximate="tanh"), pre_er, dy @ w_proj)
+    else:
+        dpre_e = None
+    assert_close(dpre, dpre64, dpre_e, "DGELU_BGRAD: dpre")
+    assert db.dtype == dtype
+    assert_close(db, dpre64.sum(0), dpre_e.float().sum(0).to(dtype) if low else None, "DGELU_BGRAD: dbias")
+    xo = torch.randn(m * c + 1, device=dev, dtype=dtype)[1:].view(m, c)
+    act2, _ = ops.mlp_fc_gelu_lt(xo, w_fc, None)
+    assert_close(act2, F.gelu(F.linear(xo.double(), w_fc.double()), approximate="tanh").cpu(),
+                 F.gelu(F.linear(xo, w_fc), approximate="tanh") if low else None, "GELU_AUX (misaligned x)")
+
+
+@pytest.mark.gpu
+def test_cublaslt_opcheck_and_path():
+    _gpu_setup("cuda")
+    ops = torch.ops.gptkernels
+    x = torch.randn(17, 24, device="cuda")
+    w_fc, b_fc = torch.randn(64, 24, device="cuda"), torch.randn(64, device="cuda")
+    w_proj = torch.randn(24, 64, device="cuda")
+    torch.library.opcheck(ops.mlp_fc_gelu_lt, (x, w_fc, b_fc))
+    torch.library.opcheck(ops.mlp_linear_lt, (torch.randn(17, 64, device="cuda"), w_proj, None, x))
+    for want in (True, False):
+        torch.library.opcheck(ops.mlp_dgelu_lt, (x, w_proj, torch.randn(17, 64, device="cuda"), want))
+    p = [w_fc, b_fc, w_proj, torch.randn(24, device="cuda")]
+    fused_mlp(x, *p, backend="cuda")
+    assert "cuBLASLt" in gptkernels.last("fused_mlp")[1]
+    fused_mlp(x, *p, activation="gelu", backend="cuda")
+    assert "ATen GEMM" in gptkernels.last("fused_mlp")[1] and "tanh form" in gptkernels.last("fused_mlp")[1]

@@ -1,15 +1,25 @@
-// Torch-facing FFN elementwise ops: bias + activation (GELU tanh/erf, ReLU) and SwiGLU's silu(g) * u, fwd and bwd.
-// Registered as gptkernels::bias_gelu_fwd / bias_gelu_bwd / silu_mul_fwd / silu_mul_bwd for CPU and CUDA; the GEMMs
-// of fused_mlp and swiglu run in ATen (torch.mm from gptkernels/ops/mlp.py), around these epilogues. Fakes live in
-// gptkernels/ops/mlp.py.
+// Torch-facing FFN ops.
+//  - Elementwise epilogues: bias + activation (GELU tanh/erf, ReLU) and SwiGLU's silu(g) * u, fwd and bwd, registered
+//    as gptkernels::bias_gelu_fwd / bias_gelu_bwd / silu_mul_fwd / silu_mul_bwd for CPU and CUDA; fused_mlp and
+//    swiglu run their GEMMs in ATen around these.
+//  - cuBLASLt GEMMs with fused epilogues for the GPT-2 MLP on CUDA (gptkernels::mlp_fc_gelu_lt, mlp_linear_lt,
+//    mlp_dgelu_lt): GELU_AUX_BIAS (fc: act and the saved pre-activation in one GEMM), BIAS with beta = 1 on the
+//    residual (proj), DGELU_BGRAD (the grad GEMM dy @ W_proj writes dpre and db_fc). cuBLASLt's GELU is the tanh
+//    approximation, so gptkernels/ops/mlp.py routes only activation="gelu_tanh" here.
+// Fakes live in gptkernels/ops/mlp.py.
 #include <torch/library.h>
 
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
 #include "../kernels/cpu/mlp.h"
 #include "common.h"
 #ifdef GPTKERNELS_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>  // at::cuda::getCurrentCUDABlasLtHandle (torch >= 2.0)
+#include <cublasLt.h>
+
 #include "../kernels/cuda/mlp.cuh"
 #endif
 
@@ -156,6 +166,306 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_bwd(const at::Tensor& dp
   return {dg, du, p};
 }
 
+
+// ------------------------------------------------------------------------------------------- cuBLASLt epilogues
+// Layout: torch tensors are row-major, cuBLASLt is column-major. A row-major (R, C) matrix with row stride ld is a
+// column-major (C, R) matrix with leading dimension ld, so every product is computed transposed:
+//   y (M, N) = x (M, K) @ W^T, W (N, K)   <=>   y^T (N x M, ld N) = op_T(W^T as K x N, ld = W row stride) @ x^T
+// The output's column-major rows are therefore the features N: the bias (length = D rows) is the nn.Linear bias,
+// the aux matrix (pre) is N x M with ld N, and DGELU_BGRAD's bias gradient sums over the tokens M.
+namespace {
+
+#ifdef GPTKERNELS_WITH_CUDA
+void check_lt(cublasStatus_t st, const char* what) {
+  TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, what, " failed: cuBLAS status ", static_cast<int>(st));
+}
+
+cudaDataType lt_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return CUDA_R_32F;
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    default: TORCH_CHECK_TYPE(false, "cuBLASLt epilogue GEMM: dtype must be float32, float16 or bfloat16, got ", t);
+  }
+  return CUDA_R_32F;
+}
+
+// cuBLASLt picks kernels by the alignment it sees; 16-byte-aligned pointers and leading dimensions get the vectorized
+// ones. An operand that is not (a sliced or transposed view, a stride-0 dy) is copied once here, on purpose: cheaper
+// than a slow GEMM. A fresh caching-allocator tensor is 512-byte aligned.
+at::Tensor lt_operand(const at::Tensor& t) {
+  const int64_t es = t.element_size();
+  const bool rows_ok = t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= t.size(1) &&
+                       t.stride(0) >= 1 && (t.stride(0) * es) % 16 == 0;
+  const bool ptr_ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (rows_ok && ptr_ok) return t;
+  at::Tensor c = t.contiguous();
+  if (c.data_ptr() == t.data_ptr() || (c.size(1) * es) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) {
+    // Still misaligned (an offset view, or a width that is not a 16-byte multiple): a padded fresh copy keeps every
+    // row 16-byte aligned. ld = width rounded up.
+    const int64_t pad = 16 / es;
+    const int64_t ld = (t.size(1) + pad - 1) / pad * pad;
+    at::Tensor buf = at::empty({t.size(0), ld}, t.options());
+    return buf.narrow(1, 0, t.size(1)).copy_(t);
+  }
+  return c;
+}
+
+at::Tensor lt_vector(const at::Tensor& v, at::ScalarType dt) {
+  at::Tensor c = v.to(dt).contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+template <typename T, typename Destroy>
+struct LtHandle {
+  T h = nullptr;
+  Destroy destroy;
+  explicit LtHandle(Destroy d) : destroy(d) {}
+  ~LtHandle() {
+    if (h) destroy(h);
+  }
+  LtHandle(const LtHandle&) = delete;
+  LtHandle& operator=(const LtHandle&) = delete;
+};
+
+size_t lt_workspace_bytes(int device) {
+  // cuBLAS's guidance: 32 MiB lets sm_90 use its best kernels, 4 MiB suffices before. From the caching allocator,
+  // so repeated calls reuse one block.
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  return major >= 9 ? (size_t(32) << 20) : (size_t(4) << 20);
+}
+
+// D (col-major m x n, ld ldd) = op(A) @ op(B) (+ C with beta = 1) through one epilogue. Returns false (and says why)
+// when the heuristic finds no algorithm; throws on any other cuBLAS error.
+struct LtGemm {
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  const void* A = nullptr;
+  int64_t lda = 0;
+  const void* B = nullptr;
+  int64_t ldb = 0;
+  const void* C = nullptr;  // nullptr: beta = 0
+  int64_t ldc = 0;
+  void* D = nullptr;
+  int64_t ldd = 0;
+  cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  const void* bias = nullptr;  // bias (BIAS, GELU_AUX_BIAS) or bias gradient output (DGELU_BGRAD)
+  void* aux = nullptr;         // GELU input: written by GELU_AUX*, read by DGELU*
+  int64_t ld_aux = 0;
+};
+
+bool run_lt(const LtGemm& g, at::ScalarType st, const at::Tensor& like, std::string* why) {
+  const cudaDataType dt = lt_dtype(st);
+  const int dev = like.get_device();
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+
+  LtHandle<cublasLtMatmulDesc_t, decltype(&cublasLtMatmulDescDestroy)> op(&cublasLtMatmulDescDestroy);
+  check_lt(cublasLtMatmulDescCreate(&op.h, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  const cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  check_lt(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "TRANSA");
+  check_lt(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "TRANSB");
+  check_lt(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_EPILOGUE, &g.epilogue, sizeof(g.epilogue)),
+           "EPILOGUE");
+  if (g.bias) {
+    check_lt(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)),
+             "BIAS_POINTER");
+  }
+  if (g.aux) {
+    check_lt(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g.aux, sizeof(g.aux)),
+             "EPILOGUE_AUX_POINTER");
+    check_lt(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &g.ld_aux,
+                                            sizeof(g.ld_aux)),
+             "EPILOGUE_AUX_LD");
+  }
+  using Layout = LtHandle<cublasLtMatrixLayout_t, decltype(&cublasLtMatrixLayoutDestroy)>;
+  Layout la(&cublasLtMatrixLayoutDestroy), lb(&cublasLtMatrixLayoutDestroy), lc(&cublasLtMatrixLayoutDestroy),
+      ld(&cublasLtMatrixLayoutDestroy);
+  // Stored shapes (before op): A is m x k (k x m when transposed), B is k x n (n x k when transposed).
+  check_lt(cublasLtMatrixLayoutCreate(&la.h, dt, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda), "layout A");
+  check_lt(cublasLtMatrixLayoutCreate(&lb.h, dt, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb), "layout B");
+  check_lt(cublasLtMatrixLayoutCreate(&lc.h, dt, g.m, g.n, g.C ? g.ldc : g.ldd), "layout C");
+  check_lt(cublasLtMatrixLayoutCreate(&ld.h, dt, g.m, g.n, g.ldd), "layout D");
+
+  const size_t ws_bytes = lt_workspace_bytes(dev);
+  LtHandle<cublasLtMatmulPreference_t, decltype(&cublasLtMatmulPreferenceDestroy)> pref(
+      &cublasLtMatmulPreferenceDestroy);
+  check_lt(cublasLtMatmulPreferenceCreate(&pref.h), "cublasLtMatmulPreferenceCreate");
+  const uint64_t ws64 = ws_bytes;
+  check_lt(cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws64,
+                                                sizeof(ws64)),
+           "PREF_MAX_WORKSPACE_BYTES");
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t hs =
+      cublasLtMatmulAlgoGetHeuristic(handle, op.h, la.h, lb.h, lc.h, ld.h, pref.h, 1, &result, &found);
+  if (hs != CUBLAS_STATUS_SUCCESS || found == 0) {
+    if (why) {
+      *why = "cublasLtMatmulAlgoGetHeuristic found no algorithm (status " + std::to_string(static_cast<int>(hs)) +
+             ", m=" + std::to_string(g.m) + " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k) +
+             ", epilogue " + std::to_string(static_cast<int>(g.epilogue)) + ")";
+    }
+    return false;
+  }
+  at::Tensor ws = at::empty({int64_t(ws_bytes)}, like.options().dtype(at::kByte));
+  const float alpha = 1.f, beta = g.C ? 1.f : 0.f;
+  check_lt(cublasLtMatmul(handle, op.h, &alpha, g.A, la.h, g.B, lb.h, &beta, g.C ? g.C : g.D, lc.h, g.D, ld.h,
+                          &result.algo, ws.data_ptr(), ws_bytes, stream),
+           "cublasLtMatmul");
+  return true;
+}
+
+void check_shape_like(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef shape, const char* fn,
+                      const char* name) {
+  TORCH_CHECK(t.sizes() == shape, fn, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), fn, ": ", name, " dtype must be ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), fn, ": ", name, " must be on ", ref.device());
+}
+
+void check_lt_inputs(const char* fn, const at::Tensor& x, const at::Tensor& w, int64_t k_dim_of_w) {
+  TORCH_CHECK(x.is_cuda(), fn, ": runs on CUDA tensors (cuBLASLt)");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, fn, ": x and w must be 2-D, got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(w.size(k_dim_of_w) == x.size(1), fn, ": w ", w.sizes(), " does not match x ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), fn, ": x and w must share a dtype");
+  TORCH_CHECK(x.device() == w.device(), fn, ": x and w must be on one device");
+}
+#endif
+
+}  // namespace
+
+// (act, pre): pre = x @ w^T + bias, act = gelu_tanh(pre); one cuBLASLt GEMM with GELU_AUX_BIAS (GELU_AUX without a
+// bias). x (M, K), w (H, K) nn.Linear layout, bias (H,) or None; H % 8 == 0 (the aux matrix's ld).
+std::tuple<at::Tensor, at::Tensor> mlp_fc_gelu_lt(const at::Tensor& x_, const at::Tensor& w_,
+                                                  const std::optional<at::Tensor>& bias) {
+#ifdef GPTKERNELS_WITH_CUDA
+  const char* fn = "mlp_fc_gelu_lt";
+  check_lt_inputs(fn, x_, w_, 1);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const int64_t M = x_.size(0), K = x_.size(1), H = w_.size(0);
+  TORCH_CHECK(H % 8 == 0, fn, ": H = ", H, " must be a multiple of 8 (cuBLASLt's GELU aux leading dimension)");
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor act = at::empty({M, H}, x_.options()), pre = at::empty({M, H}, x_.options());
+  if (M == 0 || H == 0) return {act, pre};
+  if (K == 0) {
+    pre.zero_();
+    if (has_bias) pre.add_(*bias);
+    return {bias_gelu_fwd(pre, std::nullopt, "gelu_tanh"), pre};
+  }
+  const at::Tensor x = lt_operand(x_), w = lt_operand(w_);
+  const at::Tensor b = has_bias ? lt_vector(*bias, x_.scalar_type()) : at::Tensor();
+  LtGemm g;
+  g.trans_a = true;  // W^T: w row-major (H, K) is column-major K x H
+  g.m = H, g.n = M, g.k = K;
+  g.A = w.data_ptr(), g.lda = w.stride(0);
+  g.B = x.data_ptr(), g.ldb = x.stride(0);
+  g.D = act.data_ptr(), g.ldd = H;
+  g.epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+  g.bias = has_bias ? b.data_ptr() : nullptr;
+  g.aux = pre.data_ptr(), g.ld_aux = H;
+  std::string why;
+  if (run_lt(g, x_.scalar_type(), x_, &why)) return {act, pre};
+  TORCH_WARN_ONCE(fn, ": ", why, "; running ATen addmm + the gptkernels GELU kernel instead");
+  pre = has_bias ? at::addmm(b, x_, w_.t()) : at::mm(x_, w_.t());
+  return {bias_gelu_fwd(pre, std::nullopt, "gelu_tanh"), pre};
+#else
+  (void)x_, (void)w_, (void)bias;
+  TORCH_CHECK(false, "mlp_fc_gelu_lt: gptkernels was built without CUDA");
+  return {};
+#endif
+}
+
+// y = x @ w^T + bias + residual: cuBLASLt with the BIAS epilogue (DEFAULT without a bias) and beta = 1 on C =
+// residual. x (M, K), w (N, K), bias (N,) or None, residual (M, N) or None.
+at::Tensor mlp_linear_lt(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual) {
+#ifdef GPTKERNELS_WITH_CUDA
+  const char* fn = "mlp_linear_lt";
+  check_lt_inputs(fn, x_, w_, 1);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_shape_like(*residual, x_, {M, N}, fn, "residual");
+  at::Tensor y = at::empty({M, N}, x_.options());
+  if (M == 0 || N == 0) return y;
+  const at::Tensor b = has_bias ? lt_vector(*bias, x_.scalar_type()) : at::Tensor();
+  if (K > 0) {
+    const at::Tensor x = lt_operand(x_), w = lt_operand(w_);
+    const at::Tensor r = has_res ? lt_operand(*residual) : at::Tensor();
+    LtGemm g;
+    g.trans_a = true;
+    g.m = N, g.n = M, g.k = K;
+    g.A = w.data_ptr(), g.lda = w.stride(0);
+    g.B = x.data_ptr(), g.ldb = x.stride(0);
+    if (has_res) g.C = r.data_ptr(), g.ldc = r.stride(0);
+    g.D = y.data_ptr(), g.ldd = N;
+    g.epilogue = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    g.bias = has_bias ? b.data_ptr() : nullptr;
+    std::string why;
+    if (run_lt(g, x_.scalar_type(), x_, &why)) return y;
+    TORCH_WARN_ONCE(fn, ": ", why, "; running ATen addmm instead");
+  }
+  y = has_res ? at::addmm(*residual, x_, w_.t()) : at::mm(x_, w_.t());
+  if (has_bias) y.add_(b);
+  return y;
+#else
+  (void)x_, (void)w_, (void)bias, (void)residual;
+  TORCH_CHECK(false, "mlp_linear_lt: gptkernels was built without CUDA");
+  return {};
+#endif
+}
+
+// (dpre, dbias): dpre = (dy @ w) * gelu_tanh'(pre), dbias = sum over rows of dpre (in dpre's dtype, as cuBLASLt's
+// BGRAD writes it) when want_dbias, else empty; cuBLASLt DGELU_BGRAD (DGELU without dbias). dy (M, N), w (N, H)
+// (W_proj, nn.Linear layout), pre (M, H) saved by mlp_fc_gelu_lt; H % 8 == 0.
+std::tuple<at::Tensor, at::Tensor> mlp_dgelu_lt(const at::Tensor& dy_, const at::Tensor& w_, const at::Tensor& pre_,
+                                                bool want_dbias) {
+#ifdef GPTKERNELS_WITH_CUDA
+  const char* fn = "mlp_dgelu_lt";
+  check_lt_inputs(fn, dy_, w_, 0);
+  const c10::cuda::CUDAGuard guard(dy_.device());
+  const int64_t M = dy_.size(0), N = dy_.size(1), H = w_.size(1);
+  TORCH_CHECK(H % 8 == 0, fn, ": H = ", H, " must be a multiple of 8 (cuBLASLt's GELU aux leading dimension)");
+  check_shape_like(pre_, dy_, {M, H}, fn, "pre");
+  at::Tensor dpre = at::empty({M, H}, dy_.options());
+  at::Tensor db = want_dbias ? at::empty({H}, dy_.options()) : at::empty({0}, dy_.options());
+  if (M == 0 || H == 0) {
+    db.zero_();
+    return {dpre, db};
+  }
+  if (N > 0) {
+    // The aux input must be H x M with ld H (a multiple of 8) and 16-byte aligned: pre is our own contiguous output,
+    // anything else is copied.
+    at::Tensor pre = pre_.is_contiguous() && reinterpret_cast<uintptr_t>(pre_.data_ptr()) % 16 == 0
+                         ? pre_
+                         : pre_.contiguous().clone();
+    const at::Tensor dy = lt_operand(dy_), w = lt_operand(w_);
+    LtGemm g;
+    g.trans_a = false;  // W_proj row-major (N, H) is column-major H x N: already the m x k operand
+    g.m = H, g.n = M, g.k = N;
+    g.A = w.data_ptr(), g.lda = w.stride(0);
+    g.B = dy.data_ptr(), g.ldb = dy.stride(0);
+    g.D = dpre.data_ptr(), g.ldd = H;
+    g.epilogue = want_dbias ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
+    g.bias = want_dbias ? db.data_ptr() : nullptr;
+    g.aux = pre.data_ptr(), g.ld_aux = H;
+    std::string why;
+    if (run_lt(g, dy_.scalar_type(), dy_, &why)) return {dpre, db};
+    TORCH_WARN_ONCE(fn, ": ", why, "; running ATen mm + the gptkernels GELU-backward kernel instead");
+  }
+  auto [dx, dbf, unused] = bias_gelu_bwd(at::mm(dy_, w_), pre_, std::nullopt, "gelu_tanh", want_dbias, false);
+  (void)unused;
+  return {dx, want_dbias ? dbf.to(dy_.scalar_type()) : db};
+#else
+  (void)dy_, (void)w_, (void)pre_, (void)want_dbias;
+  TORCH_CHECK(false, "mlp_dgelu_lt: gptkernels was built without CUDA");
+  return {};
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(gptkernels, m) {
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str activation) -> Tensor y");
   m.def(
@@ -163,6 +473,9 @@ TORCH_LIBRARY_FRAGMENT(gptkernels, m) {
       "-> (Tensor dx, Tensor dbias, Tensor y)");
   m.def("silu_mul_fwd(Tensor g, Tensor u) -> Tensor p");
   m.def("silu_mul_bwd(Tensor dp, Tensor g, Tensor u, bool want_p) -> (Tensor dg, Tensor du, Tensor p)");
+  m.def("mlp_fc_gelu_lt(Tensor x, Tensor w, Tensor? bias) -> (Tensor act, Tensor pre)");
+  m.def("mlp_linear_lt(Tensor x, Tensor w, Tensor? bias, Tensor? residual) -> Tensor y");
+  m.def("mlp_dgelu_lt(Tensor dy, Tensor w, Tensor pre, bool want_dbias) -> (Tensor dpre, Tensor dbias)");
 }
 
 TORCH_LIBRARY_IMPL(gptkernels, CPU, m) {
@@ -178,6 +491,9 @@ TORCH_LIBRARY_IMPL(gptkernels, CUDA, m) {
   m.impl("bias_gelu_bwd", &bias_gelu_bwd);
   m.impl("silu_mul_fwd", &silu_mul_fwd);
   m.impl("silu_mul_bwd", &silu_mul_bwd);
+  m.impl("mlp_fc_gelu_lt", &mlp_fc_gelu_lt);
+  m.impl("mlp_linear_lt", &mlp_linear_lt);
+  m.impl("mlp_dgelu_lt", &mlp_dgelu_lt);
 }
 #endif
 

@@ -6,16 +6,26 @@ Math (fp32 inside the kernels whatever the input dtype; shapes x: (..., C), M = 
                W_fc (H, C), b_fc (H,), W_proj (C, H), b_proj (C,): nn.Linear layout; act in gelu_tanh, gelu, relu.
     swiglu:    g = x @ W_gate^T, u = x @ W_up^T (M, H);  p = silu(g) * u;  y = p @ W_down^T  (..., C)
 
-The GEMMs run in ATen (torch.mm / torch.addmm, on every backend: the BLAS/cuBLAS GEMM is the fastest one we have);
-the backends differ in the elementwise epilogues, which are one custom op each (gptkernels::bias_gelu_fwd/bwd,
-silu_mul_fwd/bwd; *_triton for Triton). The biases and the residual are added by the GEMMs themselves (addmm).
+Where the GEMMs run (the "gemm path", appended to gptkernels.explain()'s reason for fused_mlp and swiglu):
+    cpu:    ATen (torch.mm / addmm) with our elementwise epilogue ops between them (gptkernels::bias_gelu_fwd/bwd,
+            silu_mul_fwd/bwd). The biases and the residual are added by the GEMMs themselves (addmm).
+    triton: gptkernels/triton/matmul.py, a Triton GEMM with the epilogue fused (custom ops gptkernels::matmul_*):
+            fc writes pre and act(pre) from one kernel, proj adds b_proj + residual, the grad GEMM dy @ W_proj
+            writes dpre = (dy @ W_proj) * act'(pre), act(pre) and db_fc's partial sums; SwiGLU computes gate and up
+            from one read of x and writes silu(g) * u, and its grad GEMM writes dg, du, p. The plain GEMMs
+            (dx, dW) stay in ATen: with no epilogue to fuse, cuBLAS is the faster GEMM.
+    cuda:   for activation="gelu_tanh" and H % 8 == 0, cuBLASLt epilogues (gptkernels::mlp_fc_gelu_lt,
+            mlp_linear_lt, mlp_dgelu_lt: GELU_AUX_BIAS, BIAS + beta=1 residual, DGELU_BGRAD); cuBLASLt's GELU is the
+            tanh form only, so "gelu"/"relu", H % 8 != 0, or GPTKERNELS_MLP_CUBLASLT=0 take the cpu-style path with
+            the CUDA epilogue kernels, and say why. SwiGLU on cuda: the cpu-style path (cuBLASLt has no SiLU-mul).
 
 What backward saves (activation memory; the weights are parameters and are saved by reference):
     bias_gelu: x and b, never y; the backward recomputes x + b and gelu'.
     fused_mlp: x and pre = fc(x) + b_fc (the pre-activation, M*H elements), never a = act(pre). The backward kernel
                reads pre and da = dy @ W_proj once and writes dpre = da * act'(pre) (fused with the fp32 db_fc
-               reduction) and a recomputed (needed for dW_proj) in the same pass. Eager saves x, pre and a:
-               M*(C + 2H) elements against our M*(C + H) (tests/test_mlp.py measures it). b_fc is added by the fc
+               reduction) and a recomputed (needed for dW_proj) in the same pass (triton: in the epilogue of the
+               dy @ W_proj GEMM itself; cuBLASLt: DGELU_BGRAD, then our GELU kernel recomputes a). Eager saves x, pre
+               and a: M*(C + 2H) elements against our M*(C + H) (tests/test_mlp.py measures it). b_fc is added by the fc
                GEMM (addmm), so pre is rounded once, as in eager; the activation kernel runs without a bias there.
     swiglu:    x, g and u, never p = silu(g) * u (recomputed by the fused backward kernel, which also gives dg, du).
 dbias is reduced in fp32 (per-thread / per-block partial rows, then a final reduce) and cast to the bias dtype.
@@ -24,6 +34,8 @@ Backends: cuda (CUDA C++), triton, cpu (C++/OpenMP), torch (the eager references
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +150,103 @@ for _name, _fake in _FAKES.items():
         torch.library.register_fake(f"gptkernels::{_name}")(_fake)
 
 
+# The Triton GEMMs with fused epilogues (gptkernels/triton/matmul.py). b operands are (K, N) views of nn.Linear weights
+# (w.t()), any strides; activation "none" = no activation.
+def _matmul_act_fake(a, b, bias, residual, activation, save_pre):
+    m, n = a.shape[0], b.shape[1]
+    return a.new_empty(m, n), a.new_empty((m, n) if save_pre else 0)
+
+
+def _matmul_dact_fake(a, b, pre, activation, want_act, want_dbias):
+    m, n = a.shape[0], b.shape[1]
+    return a.new_empty(m, n), a.new_empty((m, n) if want_act else 0), a.new_empty(n if want_dbias else 0,
+                                                                                   dtype=torch.float32)
+
+
+def _matmul_swiglu_fake(a, b_gate, b_up):
+    m, n = a.shape[0], b_gate.shape[1]
+    return a.new_empty(m, n), a.new_empty(m, n), a.new_empty(m, n)
+
+
+def _matmul_dswiglu_fake(a, b, g, u, want_p):
+    m, n = a.shape[0], b.shape[1]
+    return a.new_empty(m, n), a.new_empty(m, n), a.new_empty((m, n) if want_p else 0)
+
+
+@torch.library.custom_op("gptkernels::matmul_act_fwd_triton", mutates_args=())
+def _matmul_act_fwd_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                           residual: torch.Tensor | None, activation: str,
+                           save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from gptkernels.triton import matmul as tl_mm
+
+    out = tl_mm.matmul(a, b, bias, None if activation == "none" else activation, residual, save_pre)
+    return out if save_pre else (out, a.new_empty(0))
+
+
+@torch.library.custom_op("gptkernels::matmul_act_bwd_triton", mutates_args=())
+def _matmul_act_bwd_triton(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, activation: str, want_act: bool,
+                           want_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gptkernels.triton import matmul as tl_mm
+
+    return tl_mm.matmul_dact(a, b, pre, activation, want_act, want_dbias)
+
+
+@torch.library.custom_op("gptkernels::matmul_swiglu_fwd_triton", mutates_args=())
+def _matmul_swiglu_fwd_triton(a: torch.Tensor, b_gate: torch.Tensor,
+                              b_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gptkernels.triton import matmul as tl_mm
+
+    return tl_mm.matmul_swiglu(a, b_gate, b_up)
+
+
+@torch.library.custom_op("gptkernels::matmul_swiglu_bwd_triton", mutates_args=())
+def _matmul_swiglu_bwd_triton(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                              want_p: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gptkernels.triton import matmul as tl_mm
+
+    return tl_mm.matmul_dswiglu(a, b, g, u, want_p)
+
+
+torch.library.register_fake("gptkernels::matmul_act_fwd_triton")(_matmul_act_fake)
+torch.library.register_fake("gptkernels::matmul_act_bwd_triton")(_matmul_dact_fake)
+torch.library.register_fake("gptkernels::matmul_swiglu_fwd_triton")(_matmul_swiglu_fake)
+torch.library.register_fake("gptkernels::matmul_swiglu_bwd_triton")(_matmul_dswiglu_fake)
+
+
+# The cuBLASLt epilogue GEMMs (csrc/ops/mlp.cpp), CUDA only. w in nn.Linear layout.
+def _mlp_fc_gelu_lt_fake(x, w, bias):
+    m, h = x.shape[0], w.shape[0]
+    return x.new_empty(m, h), x.new_empty(m, h)
+
+
+def _mlp_linear_lt_fake(x, w, bias, residual):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _mlp_dgelu_lt_fake(dy, w, pre, want_dbias):
+    h = w.shape[1]
+    return dy.new_empty(dy.shape[0], h), dy.new_empty(h if want_dbias else 0)
+
+
+_LT_FAKES = {"mlp_fc_gelu_lt": _mlp_fc_gelu_lt_fake, "mlp_linear_lt": _mlp_linear_lt_fake,
+             "mlp_dgelu_lt": _mlp_dgelu_lt_fake}
+
+
+def _has_cpp_op(name):
+    try:
+        getattr(torch.ops.gptkernels, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# An extension built before the cuBLASLt ops existed lacks them; the cuda path then says so (see _lt_reason).
+_HAS_LT = _dispatch.extension() is not None and all(_has_cpp_op(n) for n in _LT_FAKES)
+if _HAS_LT:
+    for _name, _fake in _LT_FAKES.items():
+        torch.library.register_fake(f"gptkernels::{_name}")(_fake)
+
+
 def _ops(backend):
     """(bias_gelu_fwd, bias_gelu_bwd, silu_mul_fwd, silu_mul_bwd) of a kernel backend; cpu and cuda: by device."""
     suffix = "_triton" if backend == "triton" else ""
@@ -165,72 +274,131 @@ class BiasGeluFunction(torch.autograd.Function):
         return dx, _reduce_dbias(db, bias), None, None
 
 
+# Read once at import: the choice must be a constant while torch.compile traces.
+_LT_ENABLED = os.environ.get("GPTKERNELS_MLP_CUBLASLT", "1").strip() != "0"
+
+
+def _lt_reason(activation, hid):
+    """None when the cuda backend's fused_mlp can run on cuBLASLt epilogues, else why not (shape/dtype facts only,
+    so it traces under torch.compile; operand alignment is fixed in C++ by copying, not by falling back)."""
+    if not _LT_ENABLED:
+        return "disabled by GPTKERNELS_MLP_CUBLASLT=0"
+    if activation != "gelu_tanh":
+        return f"cuBLASLt's GELU epilogue is the tanh form; activation {activation!r} needs our epilogue kernel"
+    if hid % 8:
+        return f"H = {hid} is not a multiple of 8 (cuBLASLt's GELU aux matrix needs ld % 8 == 0)"
+    if not _HAS_LT:
+        return "the built extension lacks the cuBLASLt ops (rebuild with `pip install -e .`)"
+    return None
+
+
+def _gemm_path(op, backend, activation=None, hid=0):
+    """'triton', 'cublaslt' or 'aten' for this call, appended to the dispatch record's reason (explain())."""
+    if backend == "triton":
+        path, note = "triton", "gemm path: Triton matmul with fused epilogues"
+    elif backend == "cuda" and op == "fused_mlp":
+        why = _lt_reason(activation, hid)
+        path = "cublaslt" if why is None else "aten"
+        note = ("gemm path: cuBLASLt epilogues (GELU_AUX_BIAS, BIAS, DGELU_BGRAD)" if why is None
+                else f"gemm path: ATen GEMM + gptkernels epilogue kernel ({why})")
+    else:
+        path, note = "aten", "gemm path: ATen GEMM + gptkernels epilogue kernel"
+    rec = _dispatch.last(op)
+    if rec is not None and "gemm path" not in rec[1]:
+        _dispatch.note(op, note)
+    return path
+
+
 class FusedMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj, residual, activation, backend):
-        fwd, _, _, _ = _ops(backend)
+    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj, residual, activation, backend, path):
         c = x.shape[-1]
         x2 = x.reshape(-1, c)  # (M, C)
-        # The fc bias rides in the GEMM (addmm): pre = fc(x) + b_fc is rounded once, as eager nn.Linear rounds it.
-        # Adding b_fc in the activation kernel instead would save an (M, H) pass on the CPU but round fc(x) before
-        # the bias: in bf16 that moved pre-activations near ReLU's kink by up to 2^-9 * |fc(x)| and failed the
-        # 2x-eager bound on dx (0.23 vs 0.011, tests/test_mlp.py at (17, 771, 1000)).
-        pre = torch.addmm(b_fc, x2, w_fc.t()) if b_fc is not None else torch.mm(x2, w_fc.t())  # (M, H)
-        a = fwd(pre, None, activation)  # (M, H)
-        if residual is not None:
-            y = torch.addmm(residual.reshape(-1, c), a, w_proj.t())  # (M, C), residual added by the GEMM
-            if b_proj is not None:
-                y.add_(b_proj)
-        elif b_proj is not None:
-            y = torch.addmm(b_proj, a, w_proj.t())
+        r2 = residual.reshape(-1, c) if residual is not None else None
+        if path == "triton":
+            # One kernel each: fc writes pre (saved) and a = act(pre); proj adds b_proj and the residual.
+            a, pre = torch.ops.gptkernels.matmul_act_fwd_triton(x2, w_fc.t(), b_fc, None, activation, True)
+            y, _ = torch.ops.gptkernels.matmul_act_fwd_triton(a, w_proj.t(), b_proj, r2, "none", False)
+        elif path == "cublaslt":
+            a, pre = torch.ops.gptkernels.mlp_fc_gelu_lt(x2, w_fc, b_fc)  # GELU_AUX_BIAS: a and pre, one GEMM
+            y = torch.ops.gptkernels.mlp_linear_lt(a, w_proj, b_proj, r2)  # BIAS, beta = 1 on the residual
         else:
-            y = torch.mm(a, w_proj.t())
+            fwd, _, _, _ = _ops(backend)
+            # The fc bias rides in the GEMM (addmm): pre = fc(x) + b_fc is rounded once, as eager nn.Linear rounds
+            # it. Adding b_fc in the activation kernel instead would save an (M, H) pass on the CPU but round fc(x)
+            # before the bias: in bf16 that moved pre-activations near ReLU's kink by up to 2^-9 * |fc(x)| and
+            # failed the 2x-eager bound on dx (0.23 vs 0.011, tests/test_mlp.py at (17, 771, 1000)).
+            pre = torch.addmm(b_fc, x2, w_fc.t()) if b_fc is not None else torch.mm(x2, w_fc.t())  # (M, H)
+            a = fwd(pre, None, activation)  # (M, H)
+            if r2 is not None:
+                y = torch.addmm(r2, a, w_proj.t())  # (M, C), residual added by the GEMM
+                if b_proj is not None:
+                    y.add_(b_proj)
+            elif b_proj is not None:
+                y = torch.addmm(b_proj, a, w_proj.t())
+            else:
+                y = torch.mm(a, w_proj.t())
         ctx.save_for_backward(x2, pre, w_fc, w_proj)
         ctx.x_shape, ctx.has_bproj, ctx.has_res = x.shape, b_proj is not None, residual is not None
         ctx.bfc_dtype = b_fc.dtype if b_fc is not None else None
-        ctx.activation, ctx.backend = activation, backend
+        ctx.activation, ctx.backend, ctx.path = activation, backend, path
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, pre, w_fc, w_proj = ctx.saved_tensors
-        _, bwd, _, _ = _ops(ctx.backend)
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, C)
-        da = torch.mm(dy2, w_proj)  # (M, H)
-        # One pass over (M, H): dh = da * act'(pre), db_fc = sum_rows(dh) in fp32, and a = act(pre) for dW_proj.
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, C); may be expanded (row stride 0): the GEMMs take strides
         has_bfc = ctx.bfc_dtype is not None
-        dh, db_fc, a = bwd(da, pre, None, ctx.activation, has_bfc, True)
+        if ctx.path == "triton":
+            # dh = (dy @ W_proj) * act'(pre), a = act(pre) and db_fc's partial sums from the GEMM's epilogue.
+            dh, a, db_fc = torch.ops.gptkernels.matmul_act_bwd_triton(dy2, w_proj, pre, ctx.activation, True,
+                                                                      has_bfc)
+        elif ctx.path == "cublaslt":
+            dh, db_fc = torch.ops.gptkernels.mlp_dgelu_lt(dy2, w_proj, pre, has_bfc)  # DGELU_BGRAD
+            fwd, _, _, _ = _ops(ctx.backend)
+            a = fwd(pre, None, ctx.activation)  # for dW_proj: recomputed, not saved (one (M, H) pass)
+        else:
+            _, bwd, _, _ = _ops(ctx.backend)
+            da = torch.mm(dy2, w_proj)  # (M, H)
+            # One pass over (M, H): dh = da * act'(pre), db_fc = sum_rows(dh) in fp32, and a = act(pre) for dW_proj.
+            dh, db_fc, a = bwd(da, pre, None, ctx.activation, has_bfc, True)
         dw_proj = torch.mm(dy2.t(), a)  # (C, H)
         db_proj = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if ctx.has_bproj else None
         dx = torch.mm(dh, w_fc).view(ctx.x_shape)  # (..., C)
         dw_fc = torch.mm(dh.t(), x2)  # (H, C)
         dres = dy if ctx.has_res else None
-        return dx, dw_fc, db_fc.to(ctx.bfc_dtype) if has_bfc else None, dw_proj, db_proj, dres, None, None
+        return dx, dw_fc, db_fc.to(ctx.bfc_dtype) if has_bfc else None, dw_proj, db_proj, dres, None, None, None
 
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, backend):
-        _, _, fwd, _ = _ops(backend)
+    def forward(ctx, x, w_gate, w_up, w_down, backend, path):
         c = x.shape[-1]
         x2 = x.reshape(-1, c)  # (M, C)
-        g = torch.mm(x2, w_gate.t())  # (M, H)
-        u = torch.mm(x2, w_up.t())  # (M, H)
-        p = fwd(g, u)  # (M, H)
+        if path == "triton":
+            p, g, u = torch.ops.gptkernels.matmul_swiglu_fwd_triton(x2, w_gate.t(), w_up.t())  # one read of x
+        else:
+            _, _, fwd, _ = _ops(backend)
+            g = torch.mm(x2, w_gate.t())  # (M, H)
+            u = torch.mm(x2, w_up.t())  # (M, H)
+            p = fwd(g, u)  # (M, H)
         ctx.save_for_backward(x2, g, u, w_gate, w_up, w_down)
-        ctx.x_shape, ctx.backend = x.shape, backend
+        ctx.x_shape, ctx.backend, ctx.path = x.shape, backend, path
         return torch.mm(p, w_down.t()).view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, g, u, w_gate, w_up, w_down = ctx.saved_tensors
-        _, _, _, bwd = _ops(ctx.backend)
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, C)
-        dp = torch.mm(dy2, w_down)  # (M, H)
-        dg, du, p = bwd(dp, g, u, True)  # p recomputed in the same pass, for dW_down
+        if ctx.path == "triton":
+            dg, du, p = torch.ops.gptkernels.matmul_swiglu_bwd_triton(dy2, w_down, g, u, True)
+        else:
+            _, _, _, bwd = _ops(ctx.backend)
+            dp = torch.mm(dy2, w_down)  # (M, H)
+            dg, du, p = bwd(dp, g, u, True)  # p recomputed in the same pass, for dW_down
         dw_down = torch.mm(dy2.t(), p)  # (C, H)
         dx = torch.addmm(torch.mm(dg, w_gate), du, w_up).view(ctx.x_shape)
-        return dx, torch.mm(dg.t(), x2), torch.mm(du.t(), x2), dw_down, None
+        return dx, torch.mm(dg.t(), x2), torch.mm(du.t(), x2), dw_down, None, None
 
 
 # ------------------------------------------------------------------------------------------------- public
@@ -319,7 +487,8 @@ def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=No
     be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
     if be == "torch":
         return fused_mlp_ref(x, w_fc, b_fc, w_proj, b_proj, activation, residual)
-    return FusedMLPFunction.apply(x, w_fc, b_fc, w_proj, b_proj, residual, activation, be)
+    path = _gemm_path(fn, be, activation, hid)
+    return FusedMLPFunction.apply(x, w_fc, b_fc, w_proj, b_proj, residual, activation, be, path)
 
 
 def swiglu(x, w_gate, w_up, w_down, backend=None):
@@ -344,4 +513,4 @@ def swiglu(x, w_gate, w_up, w_down, backend=None):
     be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
     if be == "torch":
         return swiglu_ref(x, w_gate, w_up, w_down)
-    return SwiGLUFunction.apply(x, w_gate, w_up, w_down, be)
+    return SwiGLUFunction.apply(x, w_gate, w_up, w_down, be, _gemm_path(fn, be))
