@@ -193,6 +193,11 @@ def note(op: str, text: str) -> None:
         _LAST[op] = (rec[0], f"{rec[1]}; {text}")
 
 
+def ran() -> dict[str, tuple[str, str]]:
+    """A copy of every op's last (backend, why)."""
+    return dict(_LAST)
+
+
 def last(op: str) -> tuple[str, str] | None:
     """(backend, why) of the last call of ``op``, or None if it has not run."""
     return _LAST.get(op)

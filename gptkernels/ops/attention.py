@@ -36,6 +36,7 @@ import numbers
 import torch
 
 from gptkernels import _dispatch
+from gptkernels.ops import _autograd
 
 _NEG_INF = float("-inf")
 _OP = "scaled_dot_product_attention"
@@ -372,7 +373,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         mask32 = _additive(mask, torch.float32) if mask is not None else None
         seed = _draw_seed() if dropout_p > 0 else 0
         win = int(window) if window is not None else -1
-        out = AttentionFunction.apply(q, k, v, mask32, scale, causal, win, float(dropout_p), seed, be)
+        out = _autograd.apply(AttentionFunction, q, k, v, mask32, scale, causal, win, float(dropout_p), seed, be)
     return out.reshape(*lead, H, Tq, D)
 
 
@@ -409,7 +410,7 @@ def _check_decode(fn, q, k_cache, v_cache, cache_seqlens):
     # Values are checked only where it is free: reading a CUDA tensor would synchronize every decode step (the
     # kernels clamp lengths to Tmax, so a bad value there gives wrong rows, never an out-of-bounds read).
     if cache_seqlens.device.type == "cpu" and B and not torch.compiler.is_compiling():
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        lo, hi = (int(v) for v in torch.aminmax(cache_seqlens))  # one pass: this runs every decode step
         if lo < max(Tn, 1) or hi > Tmax:
             raise ValueError(f"{fn}: cache_seqlens must be in [max(Tn, 1), Tmax] = [{max(Tn, 1)}, {Tmax}] (each "
                              f"length includes the Tn new tokens), got values in [{lo}, {hi}]")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkernels import _dispatch
+from gptkernels.ops import _autograd
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -160,7 +161,7 @@ def _norm(fn, x, weight, bias, eps, residual, rms, backend):
     if be == "torch":
         return layer_norm_ref(x, weight, bias, eps, residual, rms)
     w = weight if weight is not None else torch.ones(x.shape[-1], device=x.device, dtype=torch.float32)
-    y, h = LayerNormFunction.apply(x, w, bias, residual, float(eps), rms, be)
+    y, h = _autograd.apply(LayerNormFunction, x, w, bias, residual, float(eps), rms, be)
     return (y, h) if residual is not None else y
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkernels import _dispatch
+from gptkernels.ops import _autograd
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 _APPROXIMATE = {"tanh": "gelu_tanh", "none": "gelu"}
@@ -450,7 +451,7 @@ def bias_gelu(x, bias, approximate="tanh", backend=None):
     be = _dispatch.select("bias_gelu", x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
     if be == "torch":
         return bias_gelu_ref(x, bias, approximate)
-    return BiasGeluFunction.apply(x, bias, _APPROXIMATE[approximate], be)
+    return _autograd.apply(BiasGeluFunction, x, bias, _APPROXIMATE[approximate], be)
 
 
 def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=None, backend=None):
@@ -488,7 +489,7 @@ def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=No
     if be == "torch":
         return fused_mlp_ref(x, w_fc, b_fc, w_proj, b_proj, activation, residual)
     path = _gemm_path(fn, be, activation, hid)
-    return FusedMLPFunction.apply(x, w_fc, b_fc, w_proj, b_proj, residual, activation, be, path)
+    return _autograd.apply(FusedMLPFunction, x, w_fc, b_fc, w_proj, b_proj, residual, activation, be, path)
 
 
 def swiglu(x, w_gate, w_up, w_down, backend=None):
@@ -513,4 +514,4 @@ def swiglu(x, w_gate, w_up, w_down, backend=None):
     be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
     if be == "torch":
         return swiglu_ref(x, w_gate, w_up, w_down)
-    return SwiGLUFunction.apply(x, w_gate, w_up, w_down, be, _gemm_path(fn, be))
+    return _autograd.apply(SwiGLUFunction, x, w_gate, w_up, w_down, be, _gemm_path(fn, be))

@@ -31,6 +31,7 @@ import math
 import torch
 
 from gptkernels import _dispatch
+from gptkernels.ops import _autograd
 
 _NEG_INF = float("-inf")
 
@@ -175,4 +176,4 @@ def softmax(x, scale=1.0, causal=False, mask=None, backend=None):
     be = _dispatch.select("softmax", x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
     if be == "torch":
         return softmax_ref(x, scale, causal, mask)
-    return SoftmaxFunction.apply(x, mask, float(scale), bool(causal), be)
+    return _autograd.apply(SoftmaxFunction, x, mask, float(scale), bool(causal), be)
