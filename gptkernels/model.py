@@ -258,7 +258,10 @@ class GPT(nn.Module):
 
     def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.transformer.wte.weight
-        return KVCache(self.config, batch, max_len, device=p.device, dtype=dtype or p.dtype)
+        # Under autocast the attention runs in the autocast dtype: a cache in the parameters' fp32 would double its
+        # memory and run every decode step in fp32.
+        dtype = dtype or autocast_dtype(p.device.type) or p.dtype
+        return KVCache(self.config, batch, max_len, device=p.device, dtype=dtype)
 
     # --------------------------------------------------------------------------------------------- generation
     @torch.no_grad()

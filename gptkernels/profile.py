@@ -228,6 +228,11 @@ def _resolve_device_dtype(device, dtype):
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ProfileError("--device cuda: no CUDA device is visible on this machine")
+    if device.type == "cuda":
+        # Streams, graph capture, events and synchronize() act on the *current* device: make it the target one,
+        # or --device cuda:1 would time (and capture) an idle cuda:0.
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):

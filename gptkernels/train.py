@@ -63,6 +63,8 @@ NOT_INHERITED = ("resume", "out_dir", "device", "backend", "compile", "no_progre
 # Dense peak FLOP/s per GPU name fragment: bf16 tensor cores, and plain fp32 (what an fp32 run gets without TF32).
 GPU_PEAK_FLOPS = {
     "H200": {"bf16": 989e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp32": 51e12},  # before "H100": the first matching fragment wins
+    "H100 NVL": {"bf16": 835e12, "fp32": 60e12},
     "H100": {"bf16": 989e12, "fp32": 67e12},
     "A100": {"bf16": 312e12, "fp32": 19.5e12},
 }

@@ -325,6 +325,13 @@ void check_shape_like(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRe
   TORCH_CHECK(t.device() == ref.device(), fn, ": ", name, " must be on ", ref.device());
 }
 
+// cuBLASLt reads exactly n bias elements from the pointer: anything else must be refused here, not read past.
+void check_lt_bias(const char* fn, const at::Tensor& bias, int64_t n, const at::Tensor& x) {
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, fn, ": bias must have shape (", n, "), got ", bias.sizes());
+  TORCH_CHECK(bias.device() == x.device(), fn, ": bias is on ", bias.device(), " but x is on ", x.device());
+  TORCH_CHECK(at::isFloatingType(bias.scalar_type()), fn, ": bias must be a floating-point tensor");
+}
+
 void check_lt_inputs(const char* fn, const at::Tensor& x, const at::Tensor& w, int64_t k_dim_of_w) {
   TORCH_CHECK(x.is_cuda(), fn, ": runs on CUDA tensors (cuBLASLt)");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, fn, ": x and w must be 2-D, got ", x.sizes(), " and ", w.sizes());
@@ -355,6 +362,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_fc_gelu_lt(const at::Tensor& x_, const at
     return {bias_gelu_fwd(pre, std::nullopt, "gelu_tanh"), pre};
   }
   const at::Tensor x = lt_operand(x_), w = lt_operand(w_);
+  if (has_bias) check_lt_bias(fn, *bias, H, x_);
   const at::Tensor b = has_bias ? lt_vector(*bias, x_.scalar_type()) : at::Tensor();
   LtGemm g;
   g.trans_a = true;  // W^T: w row-major (H, K) is column-major K x H
@@ -389,6 +397,7 @@ at::Tensor mlp_linear_lt(const at::Tensor& x_, const at::Tensor& w_, const std::
   const bool has_bias = bias.has_value() && bias->defined();
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) check_shape_like(*residual, x_, {M, N}, fn, "residual");
+  if (has_bias) check_lt_bias(fn, *bias, N, x_);
   at::Tensor y = at::empty({M, N}, x_.options());
   if (M == 0 || N == 0) return y;
   const at::Tensor b = has_bias ? lt_vector(*bias, x_.scalar_type()) : at::Tensor();
@@ -441,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_dgelu_lt(const at::Tensor& dy_, const at:
     // anything else is copied.
     at::Tensor pre = pre_.is_contiguous() && reinterpret_cast<uintptr_t>(pre_.data_ptr()) % 16 == 0
                          ? pre_
-                         : pre_.contiguous().clone();
+                         : pre_.clone(at::MemoryFormat::Contiguous);
     const at::Tensor dy = lt_operand(dy_), w = lt_operand(w_);
     LtGemm g;
     g.trans_a = false;  // W_proj row-major (N, H) is column-major H x N: already the m x k operand

@@ -109,6 +109,7 @@ class LayerNormFunction(torch.autograd.Function):
         y, h, mean, rstd = fwd(x, weight, bias, residual, eps, rms)
         ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
         ctx.has_bias, ctx.has_residual, ctx.rms, ctx.backend = bias is not None, residual is not None, rms, backend
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.set_materialize_grads(False)
         if residual is None:
             ctx.mark_non_differentiable(h)
@@ -121,7 +122,7 @@ class LayerNormFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(hin)
         dx, dw, db = bwd(dy, dh if ctx.has_residual else None, hin, weight, mean, rstd, ctx.has_bias, ctx.rms)
-        dbias = db.to(weight.dtype) if ctx.has_bias else None
+        dbias = db.to(ctx.bias_dtype) if ctx.has_bias else None
         return dx, dw.to(weight.dtype), dbias, dx if ctx.has_residual else None, None, None, None
 
 

@@ -67,19 +67,22 @@ def bias_gelu_ref(x, bias, approximate="tanh"):
 
 
 def fused_mlp_ref(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=None):
-    """Eager proj(act(fc(x))) (+ residual); 16-bit inputs in fp32, output in x.dtype."""
-    xf = _up(x)
-    a = _act_ref(F.linear(xf, _up(w_fc), _up(b_fc)), activation)
-    y = F.linear(a, _up(w_proj), _up(b_proj))
-    if residual is not None:
-        y = y + _up(residual)
+    """Eager proj(act(fc(x))) (+ residual); 16-bit inputs in fp32 (autocast off: fp32 means fp32), output in x.dtype."""
+    with torch.autocast(x.device.type, enabled=False):
+        xf = _up(x)
+        a = _act_ref(F.linear(xf, _up(w_fc), _up(b_fc)), activation)
+        y = F.linear(a, _up(w_proj), _up(b_proj))
+        if residual is not None:
+            y = y + _up(residual)
     return y.to(x.dtype)
 
 
 def swiglu_ref(x, w_gate, w_up, w_down):
-    """Eager down(silu(gate(x)) * up(x)); 16-bit inputs in fp32, output in x.dtype."""
-    xf = _up(x)
-    return F.linear(F.silu(F.linear(xf, _up(w_gate))) * F.linear(xf, _up(w_up)), _up(w_down)).to(x.dtype)
+    """Eager down(silu(gate(x)) * up(x)); 16-bit inputs in fp32 (autocast off), output in x.dtype."""
+    with torch.autocast(x.device.type, enabled=False):
+        xf = _up(x)
+        y = F.linear(F.silu(F.linear(xf, _up(w_gate))) * F.linear(xf, _up(w_up)), _up(w_down))
+    return y.to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------- registration
@@ -279,13 +282,17 @@ class BiasGeluFunction(torch.autograd.Function):
 _LT_ENABLED = os.environ.get("GPTKERNELS_MLP_CUBLASLT", "1").strip() != "0"
 
 
-def _lt_reason(activation, hid):
+def _lt_reason(activation, hid, rows):
     """None when the cuda backend's fused_mlp can run on cuBLASLt epilogues, else why not (shape/dtype facts only,
     so it traces under torch.compile; operand alignment is fixed in C++ by copying, not by falling back)."""
     if not _LT_ENABLED:
         return "disabled by GPTKERNELS_MLP_CUBLASLT=0"
     if activation != "gelu_tanh":
         return f"cuBLASLt's GELU epilogue is the tanh form; activation {activation!r} needs our epilogue kernel"
+    if rows <= 1:
+        # PyTorch's own cuBLASLt path notes that the heuristic finds no algorithm for a one-row operand; a decode
+        # step would pay for descriptors and a failed query before falling back anyway.
+        return "a single token (M = 1, decode): ATen's GEMV path"
     if hid % 8:
         return f"H = {hid} is not a multiple of 8 (cuBLASLt's GELU aux matrix needs ld % 8 == 0)"
     if not _HAS_LT:
@@ -293,12 +300,12 @@ def _lt_reason(activation, hid):
     return None
 
 
-def _gemm_path(op, backend, activation=None, hid=0):
+def _gemm_path(op, backend, activation=None, hid=0, rows=0):
     """'triton', 'cublaslt' or 'aten' for this call, appended to the dispatch record's reason (explain())."""
     if backend == "triton":
         path, note = "triton", "gemm path: Triton matmul with fused epilogues"
     elif backend == "cuda" and op == "fused_mlp":
-        why = _lt_reason(activation, hid)
+        why = _lt_reason(activation, hid, rows)
         path = "cublaslt" if why is None else "aten"
         note = ("gemm path: cuBLASLt epilogues (GELU_AUX_BIAS, BIAS, DGELU_BGRAD)" if why is None
                 else f"gemm path: ATen GEMM + gptkernels epilogue kernel ({why})")
@@ -488,7 +495,7 @@ def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=No
     be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
     if be == "torch":
         return fused_mlp_ref(x, w_fc, b_fc, w_proj, b_proj, activation, residual)
-    path = _gemm_path(fn, be, activation, hid)
+    path = _gemm_path(fn, be, activation, hid, x.numel() // max(c, 1))
     return _autograd.apply(FusedMLPFunction, x, w_fc, b_fc, w_proj, b_proj, residual, activation, be, path)
 
 

@@ -41,13 +41,14 @@ with masked loads (the padding lanes read 0 and are never stored). Inputs may ha
 when it does not. Batch/head offsets are int64, so tensors over 2^31 elements are safe.
 """
 
-import contextlib
 import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from gptkernels.triton._device import device_guard
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -568,10 +569,6 @@ def _unit_last(t):
     return t
 
 
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check_qkv(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be 4-D (B, H, T, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -648,7 +645,7 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window: int, dropou
     def grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)
 
-    with _device_guard(q):
+    with device_guard(q):
         _attention_fwd_kernel[grid](
             q, k, v, m, out, lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *ms, *_strides3(out),
@@ -685,7 +682,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, scale: float, causal: bool, win
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     # 8192 elements per tile (two tiles live: 64 fp32 registers per thread at 8 warps); 16 rows interpreted.
     pre_m = 16 if _INTERPRET else min(128, 8192 // block_d)
-    with _device_guard(q):
+    with device_guard(q):
         _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m) * B * H,)](
             out, dout, delta, *_strides3(out), *_strides3(dout), H, Tq,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=8,
@@ -758,7 +755,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale: float, num_split
     out_part = torch.empty((B, H, Tn, splits, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, Tn, splits), dtype=torch.float32, device=q.device)
     block_d = max(triton.next_power_of_2(D), 16)
-    with _device_guard(q):
+    with device_guard(q):
         _decode_split_kernel[(B * Hkv, row_tiles, splits)](
             q, k, v, seqlens, out_part, lse_part,
             *_strides3(q), *_strides3(k), *_strides3(v),

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptkernels.triton._device import on_tensor_device
+
 # Register budget for the whole-row path, in row elements. After the upcast every live row-sized tensor costs one
 # fp32 register per element per thread whatever the input dtype, so the limit counts elements, not bytes, and is
 # the same for fp32 and 16-bit inputs. The num_warps rule below gives 16 elements per thread from 512 up; the
@@ -327,6 +329,7 @@ def _layernorm_bwd_kernel(
                 DH += stride_dhm
 
 
+@on_tensor_device
 def layernorm_fwd(x, weight, bias, residual, eps: float, rms: bool):
     """LayerNorm (rms=False) or RMSNorm (rms=True) over the last dim.
 
@@ -379,6 +382,7 @@ def layernorm_fwd(x, weight, bias, residual, eps: float, rms: bool):
     return y, h, mean, rstd
 
 
+@on_tensor_device
 def layernorm_bwd(dy, dh, hin, weight, mean, rstd, has_bias: bool, rms: bool):
     """Backward of layernorm_fwd.
 

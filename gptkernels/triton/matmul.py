@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gptkernels.triton._device import on_tensor_device
 from gptkernels.triton.mlp import ACTIVATIONS, _act_and_grad, _sigmoid
 
 EPI_ACT, EPI_DACT, EPI_SWIGLU, EPI_DSWIGLU = 0, 1, 2, 3
@@ -59,6 +60,7 @@ def _configs():
         (64, 64, 64, 4, 4),
         (32, 64, 64, 5, 2),
         (16, 64, 128, 4, 4),
+        (32, 32, 32, 3, 4),  # fits ~100 KB of shared memory (sm_86/89) even for fp32 SwiGLU's two B tiles
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in cfg]
@@ -228,6 +230,7 @@ def _launch(a, b, y, *, epi, act=ACT_NONE, b2=None, out1=None, out2=None, aux1=N
     )  # fmt: skip
 
 
+@on_tensor_device
 def matmul(a, b, bias=None, activation=None, residual=None, save_pre=False):
     """y = act(a @ b + bias) + residual in one kernel.
 
@@ -249,6 +252,8 @@ def matmul(a, b, bias=None, activation=None, residual=None, save_pre=False):
     M, N = a.shape[0], b.shape[1]
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"{fn}: bias must be ({N},), got {tuple(bias.shape)}")
+    if bias is not None and bias.device != a.device:
+        raise ValueError(f"{fn}: bias is on {bias.device}, a on {a.device}")
     if residual is not None:
         _check_mn(fn, "residual", residual, M, N, a.dtype)
     y = torch.empty((M, N), dtype=a.dtype, device=a.device)
@@ -258,6 +263,7 @@ def matmul(a, b, bias=None, activation=None, residual=None, save_pre=False):
     return (y, pre) if save_pre else y
 
 
+@on_tensor_device
 def matmul_dact(a, b, pre, activation, want_act=True, want_dbias=False):
     """dpre = (a @ b) * act'(pre): the backward of act through the GEMM that produces act's output gradient.
 
@@ -285,6 +291,7 @@ def matmul_dact(a, b, pre, activation, want_act=True, want_dbias=False):
     return dpre, act_out if want_act else a.new_empty(0), db
 
 
+@on_tensor_device
 def matmul_swiglu(a, b_gate, b_up):
     """(p, g, u): g = a @ b_gate, u = a @ b_up, p = silu(g) * u, from one kernel that reads a once.
 
@@ -303,6 +310,7 @@ def matmul_swiglu(a, b_gate, b_up):
     return p, g, u
 
 
+@on_tensor_device
 def matmul_dswiglu(a, b, g, u, want_p=True):
     """(dg, du, p): dp = a @ b (dy @ W_down); dg = dp * d silu(g) * u, du = dp * silu(g); p = silu(g) * u if want_p.
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptkernels.triton._device import on_tensor_device
+
 ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}
 # 2-D tiles for the bias kernels: 4 rows x up to 1024 columns, 4 warps (8 fp32 elements per thread: two 16-byte
 # vectors). Not yet tuned on a GPU.
@@ -172,6 +174,7 @@ def _block_n(n):
     return min(max(triton.next_power_of_2(n), 16), _MAX_BLOCK_N)
 
 
+@on_tensor_device
 def bias_gelu_fwd(x, bias, activation: str):
     """y = act(x + bias). x: (M, N) fp32/fp16/bf16; bias: (N,) fp32 or None. Returns y (M, N) in x.dtype."""
     if x.dim() != 2:
@@ -192,6 +195,7 @@ def bias_gelu_fwd(x, bias, activation: str):
     return y
 
 
+@on_tensor_device
 def bias_gelu_bwd(dy, x, bias, activation: str, want_dbias: bool, want_y: bool):
     """Backward of bias_gelu_fwd. dy, x: (M, N); bias: (N,) fp32 or None.
 
@@ -223,6 +227,7 @@ def bias_gelu_bwd(dy, x, bias, activation: str, want_dbias: bool, want_y: bool):
     return dx, db, y
 
 
+@on_tensor_device
 def silu_mul_fwd(g, u):
     """p = silu(g) * u elementwise; g, u: same shape and dtype (made contiguous here)."""
     g, u = g.contiguous(), u.contiguous()
@@ -233,6 +238,7 @@ def silu_mul_fwd(g, u):
     return p
 
 
+@on_tensor_device
 def silu_mul_bwd(dp, g, u, want_p: bool):
     """(dg, du, p): p = silu(g) * u recomputed when want_p, else torch.empty(0)."""
     dp, g, u = dp.contiguous(), g.contiguous(), u.contiguous()

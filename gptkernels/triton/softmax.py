@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptkernels.triton._device import on_tensor_device
+
 # Register budgets, in row elements (fp32 after the upcast, whatever the input dtype). The forward keeps ~2 row
 # tensors live (z, then e), 16 warps give 32 elements per thread at 16384. The backward keeps ~3 (y, dy, g),
 # so it stops at 8192. Not yet measured on an H200.
@@ -210,6 +212,7 @@ def _softmax_bwd_kernel(
                 tl.store(DZ + cc, g, mask=mask)
 
 
+@on_tensor_device
 def softmax_fwd(x, mask, scale: float, causal: bool):
     """y = softmax(scale * x + mask) over the last dim, masked to j <= t when causal.
 
@@ -244,6 +247,7 @@ def softmax_fwd(x, mask, scale: float, causal: bool):
     return y
 
 
+@on_tensor_device
 def softmax_bwd(y, dy, scale: float, mask_grad: bool):
     """dx = scale * y * (dy - sum_j dy * y); also dz = dx / scale in fp32 when mask_grad.
 
