@@ -130,8 +130,12 @@ class _Runner:
         cache.pos.fill_(start)
         cache.length = start
         self.graph = torch.cuda.CUDAGraph()
+        reserved = torch.cuda.memory_reserved()
         with torch.cuda.graph(self.graph):
             self.static_tok.copy_(self.step(self.static_tok))
+        # The step's activations live in the graph's private pool, reserved at capture: replays allocate nothing,
+        # so max_memory_allocated during a timed run cannot see them. Counted into the row's peak instead.
+        self.graph_pool_bytes = max(0, torch.cuda.memory_reserved() - reserved)
         # Capture ran the Python of one step (cache.length += 1) but no kernel: pos still holds the prompt length.
         cache.sync_length()
 
@@ -220,7 +224,8 @@ def _param_bytes(model) -> int:
 CPU_MEM_METHOD = ("weights + KV cache + peak CPU-allocator bytes above them during one extra, untimed prefill + decode "
                   "run (torch.profiler profile_memory); not RSS, which keeps freed malloc memory")
 CUDA_MEM_METHOD = ("weights + KV cache + (torch.cuda.max_memory_allocated - memory_allocated before the run), the "
-                   "largest over the timed runs")
+                   "largest over the timed runs; +graphs rows add the graph's private pool (memory_reserved growth "
+                   "during capture), which replays use without allocating")
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -373,7 +378,8 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
                     # Read right after the provider ran (a compiled model replays the record, see _dispatch).
                     r.backends = backends_used()
                     if device.type == "cuda":
-                        samples[p]["mem"] = max(samples[p]["mem"], torch.cuda.max_memory_allocated(device) - base)
+                        used = torch.cuda.max_memory_allocated(device) - base + getattr(r, "graph_pool_bytes", 0)
+                        samples[p]["mem"] = max(samples[p]["mem"], used)
                     samples[p]["prefill"].append(pre)
                     samples[p]["decode"] += dec
                     out = out.cpu()
