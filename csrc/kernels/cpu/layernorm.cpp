@@ -10,6 +10,7 @@
 #endif
 
 #include "dtype.h"
+#include "isa.h"
 #include "parallel.h"
 
 namespace gptkernels {
@@ -49,6 +50,49 @@ inline void row_stats(const float* row, int64_t N, float eps, bool rms, float* m
   *rstd_out = float(1.0 / std::sqrt(ss / double(N) + double(eps)));
 }
 
+// One fp32 row: statistics, then out = (row - mu) * rstd * w (+ b). out may be row itself (the staged 16-bit path).
+// Cloned per ISA: at 1024 x 768 fp32 the SSE2 build ran at 0.73x of ATen's LayerNorm (2-core EPYC, AVX-512).
+GPTKERNELS_ISA_CLONES void norm_row(const float* row, const float* weight, const float* bias, float* out, int64_t N,
+                                    float eps, bool rms, float* mean_out, float* rstd_out) {
+  float mu, rs;
+  row_stats(row, N, eps, rms, &mu, &rs);
+  *mean_out = mu;
+  *rstd_out = rs;
+  if (bias) {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) out[j] = (row[j] - mu) * rs * weight[j] + bias[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) out[j] = (row[j] - mu) * rs * weight[j];
+  }
+}
+
+// One row of the backward: dx (+ dh), and this row's dw / db added to the thread's fp32 partial rows.
+template <typename T>
+GPTKERNELS_ISA_CLONES void bwd_row(const T* hr, const T* dyr, const T* dhr, const float* weight, float mu, float rs,
+                                   bool rms, float* xh, float* gg, float* pdw, float* pdb, T* dxr, int64_t N) {
+  for (int64_t j = 0; j < N; ++j) {
+    xh[j] = (to_float(hr[j]) - mu) * rs;
+    gg[j] = to_float(dyr[j]);
+  }
+  float c1 = 0.f, c2 = 0.f;  // sum(wdy * xhat), sum(wdy)
+#pragma omp simd reduction(+ : c1, c2)
+  for (int64_t j = 0; j < N; ++j) {
+    const float wdy = weight[j] * gg[j];
+    c1 += wdy * xh[j];
+    c2 += wdy;
+    pdw[j] += gg[j] * xh[j];
+    pdb[j] += gg[j];
+  }
+  c1 /= float(N);
+  c2 = rms ? 0.f : c2 / float(N);
+  for (int64_t j = 0; j < N; ++j) {
+    float v = rs * (weight[j] * gg[j] - c2 - xh[j] * c1);
+    if (dhr) v += to_float(dhr[j]);
+    dxr[j] = from_float<T>(v);
+  }
+}
+
 template <typename T>
 void fwd_impl(const T* x, const T* residual, const float* weight, const float* bias, T* y, T* h, float* mean,
               float* rstd, int64_t M, int64_t N, float eps, bool rms) {
@@ -76,17 +120,10 @@ void fwd_impl(const T* x, const T* residual, const float* weight, const float* b
         for (int64_t j = 0; j < N; ++j) buf[j] = to_float(xr[j]);
       }
       float mu, rs;
-      row_stats(row, N, eps, rms, &mu, &rs);
+      float* out = kF32 ? reinterpret_cast<float*>(y + i * N) : buf.data();
+      norm_row(row, weight, bias, out, N, eps, rms, &mu, &rs);
       if (mean && !rms) mean[i] = mu;
       rstd[i] = rs;
-      float* out = kF32 ? reinterpret_cast<float*>(y + i * N) : buf.data();
-      if (bias) {
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) out[j] = (row[j] - mu) * rs * weight[j] + bias[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) out[j] = (row[j] - mu) * rs * weight[j];
-      }
       if constexpr (!kF32) {
         T* yr = y + i * N;
         for (int64_t j = 0; j < N; ++j) yr[j] = from_float<T>(buf[j]);
@@ -109,34 +146,8 @@ void bwd_impl(const T* dy, const T* dh, const T* hin, const float* weight, const
     float* pdb = pdw + N;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
-      const T* hr = hin + i * N;
-      const T* dyr = dy + i * N;
-      const float mu = rms ? 0.f : mean[i];
-      const float rs = rstd[i];
-      float* xh = xhat.data();
-      float* gg = g.data();
-      for (int64_t j = 0; j < N; ++j) {
-        xh[j] = (to_float(hr[j]) - mu) * rs;
-        gg[j] = to_float(dyr[j]);
-      }
-      float c1 = 0.f, c2 = 0.f;  // sum(wdy * xhat), sum(wdy)
-#pragma omp simd reduction(+ : c1, c2)
-      for (int64_t j = 0; j < N; ++j) {
-        const float wdy = weight[j] * gg[j];
-        c1 += wdy * xh[j];
-        c2 += wdy;
-        pdw[j] += gg[j] * xh[j];
-        pdb[j] += gg[j];
-      }
-      c1 /= float(N);
-      c2 = rms ? 0.f : c2 / float(N);
-      T* dxr = dx + i * N;
-      const T* dhr = dh ? dh + i * N : nullptr;
-      for (int64_t j = 0; j < N; ++j) {
-        float v = rs * (weight[j] * gg[j] - c2 - xh[j] * c1);
-        if (dhr) v += to_float(dhr[j]);
-        dxr[j] = from_float<T>(v);
-      }
+      bwd_row<T>(hin + i * N, dy + i * N, dh ? dh + i * N : nullptr, weight, rms ? 0.f : mean[i], rstd[i], rms,
+                 xhat.data(), g.data(), pdw, pdb, dx + i * N, N);
     }
   }
 #pragma omp parallel for schedule(static) if (M * N >= kParallelMinWork)

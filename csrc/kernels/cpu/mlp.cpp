@@ -9,16 +9,12 @@
 #endif
 
 #include "dtype.h"
+#include "isa.h"
 #include "parallel.h"
 
 // The fp32 loops carry target_clones: the extension is built for baseline x86-64 (SSE2), and GELU's exp is
 // compute-heavy enough on 2 cores that 4-wide vectors would leave it compute-bound. GCC emits an AVX-512, an AVX2
 // and a baseline copy of each loop and picks one at load time (ifunc), so the build stays portable.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-#define GPTK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GPTK_CLONES
-#endif
 
 // The clamps and ternaries of the loops below are if-converted into vector blends only when a comparison may be
 // executed speculatively; under the default -ftrapping-math GCC 12 refused, and left every loop except the
@@ -115,7 +111,7 @@ inline float act_grad(float v, float* y) {
 
 // ---- fp32 row loops (the hot part). b may be nullptr.
 template <Act A>
-GPTK_CLONES void fwd_row(const float* x, const float* b, float* y, int64_t n) {
+GPTKERNELS_ISA_CLONES void fwd_row(const float* x, const float* b, float* y, int64_t n) {
   if (b) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) y[j] = act_fwd<A>(x[j] + b[j]);
@@ -128,7 +124,7 @@ GPTK_CLONES void fwd_row(const float* x, const float* b, float* y, int64_t n) {
 // dx = dy * act'(x + b); y = act(x + b) when WY; acc += dx when WACC. The optional outputs are template flags
 // because a conditional store inside the loop kept GCC from vectorizing the AVX2 and SSE2 copies.
 template <Act A, bool WY, bool WACC>
-GPTK_CLONES void bwd_row_t(const float* dy, const float* x, const float* b, float* dx, float* y, float* acc,
+GPTKERNELS_ISA_CLONES void bwd_row_t(const float* dy, const float* x, const float* b, float* dx, float* y, float* acc,
                            int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
@@ -149,13 +145,13 @@ void bwd_row(const float* dy, const float* x, const float* b, float* dx, float* 
   else bwd_row_t<A, false, false>(dy, x, b, dx, y, acc, n);
 }
 
-GPTK_CLONES void silu_mul_fwd_f32(const float* g, const float* u, float* p, int64_t n) {
+GPTKERNELS_ISA_CLONES void silu_mul_fwd_f32(const float* g, const float* u, float* p, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) p[j] = g[j] * sigmoid(g[j]) * u[j];
 }
 
 template <bool WP>
-GPTK_CLONES void silu_mul_bwd_t(const float* dp, const float* g, const float* u, float* dg, float* du, float* p,
+GPTKERNELS_ISA_CLONES void silu_mul_bwd_t(const float* dp, const float* g, const float* u, float* dg, float* du, float* p,
                                 int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {

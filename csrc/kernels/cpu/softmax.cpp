@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "dtype.h"
+#include "isa.h"
 #include "parallel.h"
 
 // The row loops below are plain C++ that GCC vectorizes, but only if it may if-convert the float comparisons of
@@ -18,14 +19,6 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// setup.py builds for baseline x86-64 (SSE2), which halves or quarters the vector width of the hot loops on the
-// AVX2 / AVX-512 machines this runs on. GCC's target_clones compiles each of them three times and picks one at
-// load time from the CPU (an ifunc), so the same source runs 16-wide where AVX-512 exists.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GPTKERNELS_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GPTKERNELS_ISA_CLONES
-#endif
 
 namespace gptkernels {
 namespace {
