@@ -67,22 +67,20 @@ def bias_gelu_ref(x, bias, approximate="tanh"):
 
 
 def fused_mlp_ref(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=None):
-    """Eager proj(act(fc(x))) (+ residual); 16-bit inputs in fp32 (autocast off: fp32 means fp32), output in x.dtype."""
-    with torch.autocast(x.device.type, enabled=False):
-        xf = _up(x)
-        a = _act_ref(F.linear(xf, _up(w_fc), _up(b_fc)), activation)
-        y = F.linear(a, _up(w_proj), _up(b_proj))
-        if residual is not None:
-            y = y + _up(residual)
+    """Eager proj(act(fc(x))) (+ residual); 16-bit inputs in fp32, output in x.dtype. Under autocast the linears
+    follow autocast, as eager PyTorch does (this is also the eager baseline of GPT(backend="torch"))."""
+    xf = _up(x)
+    a = _act_ref(F.linear(xf, _up(w_fc), _up(b_fc)), activation)
+    y = F.linear(a, _up(w_proj), _up(b_proj))
+    if residual is not None:
+        y = y + _up(residual)
     return y.to(x.dtype)
 
 
 def swiglu_ref(x, w_gate, w_up, w_down):
-    """Eager down(silu(gate(x)) * up(x)); 16-bit inputs in fp32 (autocast off), output in x.dtype."""
-    with torch.autocast(x.device.type, enabled=False):
-        xf = _up(x)
-        y = F.linear(F.silu(F.linear(xf, _up(w_gate))) * F.linear(xf, _up(w_up)), _up(w_down))
-    return y.to(x.dtype)
+    """Eager down(silu(gate(x)) * up(x)); 16-bit inputs in fp32, output in x.dtype (linears follow autocast)."""
+    xf = _up(x)
+    return F.linear(F.silu(F.linear(xf, _up(w_gate))) * F.linear(xf, _up(w_up)), _up(w_down)).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------- registration
