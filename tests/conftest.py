@@ -63,7 +63,7 @@ def assert_close(out, ref, eager=None, name="out", fp32_bound=1e-5, atol=0.0, dt
     """The HOUSE_STYLE bound against an fp64 reference.
 
     fp32 (and fp64): ||out - ref|| / ||ref|| <= fp32_bound (1e-5; 3e-4 where a dot runs in tf32).
-    fp16/bf16: max|out - ref| <= max(2 * max|eager - ref|, 1 ulp at max|ref|) + 1e-5, eager being plain
+    fp16/bf16: max|out - ref| <= max(2 * max|eager - ref|, 2 ulps at max|ref|) + 1e-5, eager being plain
     PyTorch in the same dtype.
     NaN never passes (a NaN in the reference is a broken test, also a failure).
     atol: an absolute escape for references that are exactly zero in exact math; each use says why.
@@ -77,13 +77,15 @@ def assert_close(out, ref, eager=None, name="out", fp32_bound=1e-5, atol=0.0, dt
     if dtype in LOW_PRECISION:
         assert eager is not None, f"{name}: the 16-bit rule needs the eager result"
         err, eager_err = max_err(out, ref), max_err(eager, ref)
-        # Looser than the bare 2x rule in one way: never below one ulp of the output dtype at the reference's
-        # largest magnitude. On a tensor of a few elements eager's max error can be far below one rounding by
-        # luck, and no kernel whose fp32 result differs in the last bits can promise to round the same way.
-        ulp = torch.finfo(dtype).eps * ref.detach().abs().max().item() if ref.numel() else 0.0
-        bound = max(2 * eager_err, ulp) + 1e-5
+        # Looser than the bare 2x rule in one way: never below two ulps of the dtype at the reference's largest
+        # magnitude (ulp_at in gptkernels/bench/harness.py says why). Imported here, not at the top: importing
+        # gptkernels may import triton, which must not happen before TRITON_INTERPRET is set above.
+        from gptkernels.bench.harness import ulp_at
+
+        ulp = ulp_at(ref.detach().abs().max().item(), dtype) if ref.numel() else 0.0
+        bound = max(2 * eager_err, 2 * ulp) + 1e-5
         assert err <= max(bound, atol), (f"{name}: max err {err:.3e} > max(2 * eager err {eager_err:.3e}, "
-                                         f"1 ulp {ulp:.3e}) + 1e-5 ({dtype})")
+                                         f"2 ulps {2 * ulp:.3e}) + 1e-5 ({dtype})")
     else:
         err = rel_err(out, ref)
         ok = err <= fp32_bound or max_err(out, ref) <= atol
