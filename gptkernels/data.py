@@ -132,10 +132,11 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, _SPLITS[split], index])
         starts = rng.integers(0, len(tokens) - T, size=self.batch_size)  # the global batch; high is exclusive
         b = self.batch_size // world
-        rows = np.stack([tokens[s: s + T + 1] for s in starts[rank * b:(rank + 1) * b]]).astype(np.int64)
+        batch = np.stack([tokens[s: s + T + 1] for s in starts])  # the global batch, read once
         # Checked over the whole global batch, so every rank raises together (one rank exiting alone would leave
         # the others waiting in the next all-reduce).
-        top = int(max(tokens[s: s + T + 1].max() for s in starts))
+        top = int(batch.max())
+        rows = batch[rank * b:(rank + 1) * b].astype(np.int64)
         if top >= self.vocab_size:
             raise DataError(f"--data {self.data.source}: token id {top} >= vocab size {self.vocab_size} "
                              f"(set --vocab-size to the tokenizer's vocabulary)")

@@ -28,9 +28,9 @@ def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first one is always kept.
-        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
