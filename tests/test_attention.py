@@ -565,17 +565,20 @@ def test_torch_compile_fullgraph(backend):
 
     def block(q, k, v, mask):
         out = sdpa(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True, backend=backend)
-        return (out * 2).sum()
+        return out * 2
 
     q = torch.randn(2, 17, 4, 32, device=device).transpose(1, 2).requires_grad_()  # (B, T, H, D) storage
     k = torch.randn(2, 2, 17, 32, device=device, requires_grad=True)
     v = torch.randn(2, 2, 17, 32, device=device, requires_grad=True)
     mask = torch.rand(2, 1, 1, 17, device=device) < 0.9
+    # Compared as tensors with one shared dy: a summed scalar cancels (random signs), and its relative error
+    # then measured the cancellation, not the kernels (the torch backend failed 1e-5 at 1.3e-5 that way).
     ref = block(q, k, v, mask)
-    ref_grads = torch.autograd.grad(ref, (q, k, v))
+    dy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dy)
     compiled = torch.compile(block, fullgraph=True)
     out = compiled(q, k, v, mask)
-    grads = torch.autograd.grad(out, (q, k, v))
+    grads = torch.autograd.grad(out, (q, k, v), dy)
     assert_close(out, ref, name="compiled out")
     for g, rg in zip(grads, ref_grads):
         assert_close(g, rg, name="compiled grad")

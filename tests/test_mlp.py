@@ -275,7 +275,7 @@ def test_torch_compile_fullgraph(backend):
     def block(x, r, w_fc, b_fc, w_proj, b_proj, wg, wu, wd):
         y = fused_mlp(x, w_fc, b_fc, w_proj, b_proj, residual=r, backend=backend)
         z = swiglu(bias_gelu(y, b_proj, backend=backend), wg, wu, wd, backend=backend)
-        return (z * 2).sum()
+        return z * 2  # a tensor, compared with one shared dy (a summed scalar would cancel)
 
     x = torch.randn(6, 32, device=device, requires_grad=True)
     r = torch.randn(6, 32, device=device, requires_grad=True)
@@ -283,9 +283,10 @@ def test_torch_compile_fullgraph(backend):
     sw = [(torch.randn(*s, device=device) * 0.2).requires_grad_() for s in ((48, 32), (48, 32), (32, 48))]
     args = (x, r, *params, *sw)
     out = torch.compile(block, fullgraph=True)(*args)
-    grads = torch.autograd.grad(out, args)
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, args, dy)
     ref = block(*args)
-    ref_grads = torch.autograd.grad(ref, args)
+    ref_grads = torch.autograd.grad(ref, args, dy)
     assert_close(out, ref, name="compiled out")
     for g, rg in zip(grads, ref_grads):
         assert_close(g, rg, name="compiled grad")
