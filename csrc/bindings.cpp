@@ -1,9 +1,13 @@
 // The Python module gptkernels._C. Loading it runs the TORCH_LIBRARY_FRAGMENT registrations of every op in
-// csrc/ops (each op file declares its own schemas, so one stem's layers stay together); this file only reports
-// what the build contains.
-#include <pybind11/pybind11.h>
+// csrc/ops (each op file declares its own schemas, so one stem's layers stay together). This file reports what the
+// build contains and binds the eager entry points of csrc/ops/eager.h, the fast path of the public ops outside
+// torch.compile.
+#include <torch/extension.h>
 
 #include <string>
+#include <utility>
+
+#include "ops/eager.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -60,6 +64,21 @@ py::tuple cuda_probe(int device) {
 #endif
 }
 
+// None (take the Python path), one tensor, or a tuple. The kernels run without the GIL, as ATen's own ops do.
+template <typename F>
+py::object eager_call(F&& f) {
+  gptkernels::EagerOut out;
+  {
+    py::gil_scoped_release no_gil;
+    out = f();
+  }
+  if (!out) return py::none();
+  if (out->size() == 1) return py::cast(std::move((*out)[0]));
+  py::tuple t(out->size());
+  for (size_t i = 0; i < out->size(); ++i) t[i] = py::cast(std::move((*out)[i]));
+  return t;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -67,4 +86,52 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "What this build of the extension contains.");
   m.def("cuda_probe", &cuda_probe, py::arg("device"),
         "(code, message): code 0 when this build's CUDA kernels can load on the device.");
+
+  using OptT = std::optional<at::Tensor>;
+  m.def(
+      "layernorm",
+      [](const at::Tensor& x, const OptT& w, const OptT& b, const OptT& r, double eps, bool rms) {
+        return eager_call([&] { return gptkernels::layernorm_eager(x, w, b, r, eps, rms); });
+      },
+      "Eager LayerNorm/RMSNorm: y, (y, h) with a residual, or None for the checked Python path.");
+  m.def(
+      "softmax",
+      [](const at::Tensor& x, const OptT& mask, double scale, bool causal) {
+        return eager_call([&] { return gptkernels::softmax_eager(x, mask, scale, causal); });
+      },
+      "Eager softmax: y, or None for the checked Python path.");
+  m.def(
+      "attention",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& mask, std::optional<double> scale,
+         bool causal, bool enable_gqa, std::optional<int64_t> window) {
+        return eager_call([&] { return gptkernels::attention_eager(q, k, v, mask, scale, causal, enable_gqa, window); });
+      },
+      "Eager scaled_dot_product_attention (dropout 0): out, or None for the checked Python path.");
+  m.def(
+      "decode_attention",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
+         std::optional<double> scale) {
+        return eager_call([&] { return gptkernels::decode_attention_eager(q, k, v, lens, scale); });
+      },
+      "Eager decode_attention: out, or None for the checked Python path.");
+  m.def(
+      "bias_gelu",
+      [](const at::Tensor& x, const OptT& bias, const std::string& activation) {
+        return eager_call([&] { return gptkernels::bias_gelu_eager(x, bias, activation); });
+      },
+      "Eager bias + activation: y, or None for the checked Python path.");
+  m.def(
+      "fused_mlp",
+      [](const at::Tensor& x, const at::Tensor& w_fc, const OptT& b_fc, const at::Tensor& w_proj, const OptT& b_proj,
+         const std::string& activation, const OptT& residual) {
+        return eager_call(
+            [&] { return gptkernels::fused_mlp_eager(x, w_fc, b_fc, w_proj, b_proj, activation, residual); });
+      },
+      "Eager fused_mlp without grad on the ATen-GEMM path: y, or None for the checked Python path.");
+  m.def(
+      "swiglu",
+      [](const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down) {
+        return eager_call([&] { return gptkernels::swiglu_eager(x, w_gate, w_up, w_down); });
+      },
+      "Eager swiglu without grad on the ATen-GEMM path: y, or None for the checked Python path.");
 }

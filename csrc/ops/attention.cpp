@@ -2,8 +2,10 @@
 // broadcast strides, allocation, and the call into the CPU or CUDA kernels. Registered as
 // gptkernels::attention_fwd / attention_bwd / decode_attention for the CPU and CUDA dispatch keys; their fake
 // implementations and the autograd wiring live in gptkernels/ops/attention.py.
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -12,6 +14,7 @@
 
 #include "../kernels/cpu/attention.h"
 #include "common.h"
+#include "eager.h"
 #ifdef GPTKERNELS_WITH_CUDA
 #include "../kernels/cuda/attention.cuh"
 #endif
@@ -242,6 +245,99 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache_, co
                          d.Tk, d.D, float(scale), num_splits);
   }
   return out;
+}
+
+namespace {
+
+// Autograd of the eager entry: the saves and glue calls of AttentionFunction in gptkernels/ops/attention.py (dropout
+// 0: a call with dropout takes the Python path, which draws the seed). Inputs (q, k, v, mask, scale, causal, window).
+struct AttentionFn : public torch::autograd::Function<AttentionFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& mask, double scale, bool causal,
+                                                int64_t window) {
+    auto [out, lse] = attention_fwd(q, k, v, mask, scale, causal, window, 0.0, 0);
+    ctx->save_for_backward({q, k, v, out, lse, mask.value_or(at::Tensor())});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window"] = causal ? window : int64_t(-2);  // -2: not causal
+    return {out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const int64_t w = ctx->saved_data["window"].toInt();
+    auto [dq, dk, dv] = attention_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], opt(s[5]),
+                                      ctx->saved_data["scale"].toDouble(), w != -2, w == -2 ? -1 : w, 0.0, 0);
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+EagerOut attention_eager(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                         const std::optional<at::Tensor>& attn_mask, std::optional<double> scale, bool is_causal,
+                         bool enable_gqa, std::optional<int64_t> window) {
+  if (!eager_plain(query) || !eager_plain(key) || !eager_plain(value) || !eager_plain(attn_mask) || !eager_no_modes())
+    return std::nullopt;
+  // The Python checks beyond the glue's: >= 3 dims with equal leading dims, heads differ only with enable_gqa, a
+  // finite scale, window >= 1, a bool or float mask that needs no gradient.
+  const int64_t nd = query.dim();
+  if (nd < 3 || key.dim() != nd || value.dim() != nd) return std::nullopt;
+  const auto lead = query.sizes().slice(0, nd - 3);
+  if (key.sizes().slice(0, nd - 3) != lead || value.sizes().slice(0, nd - 3) != lead) return std::nullopt;
+  const int64_t H = query.size(-3), Tq = query.size(-2), D = query.size(-1);
+  if (key.size(-3) != H && !enable_gqa) return std::nullopt;
+  if ((scale && !std::isfinite(*scale)) || (window && *window < 1)) return std::nullopt;
+  const bool grad_mode = at::GradMode::is_enabled();
+  int64_t B = 1;
+  for (const int64_t s : lead) B *= s;
+  // (B, H, T, D) views for 3-D and 4-D inputs, as the Python path's reshape.
+  const at::Tensor q = query.reshape({B, H, Tq, D});
+  const at::Tensor k = key.reshape({B, key.size(-3), key.size(-2), key.size(-1)});
+  const at::Tensor v = value.reshape({B, value.size(-3), value.size(-2), value.size(-1)});
+  at::Tensor m;
+  if (has_tensor(attn_mask)) {
+    const at::Tensor& am = *attn_mask;
+    if (am.scalar_type() != at::kBool && !am.is_floating_point()) return std::nullopt;
+    if (grad_mode && am.requires_grad()) return std::nullopt;
+    if (am.dim() > 4 || (am.dim() == 4 && lead.size() > 1)) return std::nullopt;  // a batch-flattening copy: Python
+    std::vector<int64_t> shape4(size_t(4 - am.dim()), 1);
+    shape4.insert(shape4.end(), am.sizes().begin(), am.sizes().end());
+    m = additive_mask_f32(am.reshape(shape4));
+  }
+  const double sc = scale ? *scale : 1.0 / std::sqrt(double(D));
+  const bool causal = is_causal || window.has_value();
+  const int64_t win = window ? *window : -1;
+  at::Tensor out;
+  if (grad_mode && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    out = AttentionFn::apply(q, k, v, opt(m), sc, causal, win)[0];
+  } else {
+    out = std::get<0>(attention_fwd(q, k, v, opt(m), sc, causal, win, 0.0, 0));
+  }
+  return std::vector<at::Tensor>{out.reshape(query.sizes())};
+}
+
+EagerOut decode_attention_eager(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& cache_seqlens, std::optional<double> scale) {
+  if (!eager_plain(q) || !eager_plain(k_cache) || !eager_plain(v_cache) || !eager_plain(cache_seqlens) ||
+      !eager_no_modes() || q.dim() != 4 || (scale && !std::isfinite(*scale)))
+    return std::nullopt;
+  if (cache_seqlens.is_cpu() && q.is_cpu() && cache_seqlens.dim() == 1 && k_cache.dim() == 4) {
+    // Each length includes the Tn new tokens (the glue checks only >= 1); free to read on the CPU. Out of range:
+    // the Python path raises the documented error.
+    const int64_t lo = std::max<int64_t>(q.size(2), 1), hi = k_cache.size(2), n = cache_seqlens.size(0);
+    const int64_t st = cache_seqlens.stride(0);
+    auto in_range = [&](const auto* p) {
+      for (int64_t i = 0; i < n; ++i)
+        if (int64_t(p[i * st]) < lo || int64_t(p[i * st]) > hi) return false;
+      return true;
+    };
+    if (cache_seqlens.scalar_type() == at::kInt && !in_range(cache_seqlens.data_ptr<int32_t>())) return std::nullopt;
+    if (cache_seqlens.scalar_type() == at::kLong && !in_range(cache_seqlens.data_ptr<int64_t>())) return std::nullopt;
+  }
+  const double sc = scale ? *scale : 1.0 / std::sqrt(double(q.size(-1)));
+  return std::vector<at::Tensor>{decode_attention(q, k_cache, v_cache, cache_seqlens, sc, 0)};
 }
 
 TORCH_LIBRARY_FRAGMENT(gptkernels, m) {

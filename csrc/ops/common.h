@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -30,6 +31,27 @@ inline DType to_kernel_dtype(at::ScalarType t, const char* arg) {
     default: TORCH_CHECK_TYPE(false, arg, ": dtype must be float32, float16 or bfloat16, got ", t);
   }
   return DType::kFloat32;
+}
+
+// The eager entry points (eager.h) run only on tensors whose every op call would reach the CPU or CUDA kernel
+// directly: a tensor subclass or a functorch wrapper carries a dispatch key of its own, and an active
+// TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...) must see our registered custom op rather than the ATen
+// calls inside it. Such calls take the Python path through torch.ops instead.
+inline bool eager_plain(const at::Tensor& t) {
+  constexpr c10::DispatchKeySet kForeign =
+      c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                           c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+                           c10::DispatchKey::Functionalize, c10::DispatchKey::Conjugate, c10::DispatchKey::Negative,
+                           c10::DispatchKey::ZeroTensor, c10::DispatchKey::BatchedNestedTensor});
+  return t.defined() && t.layout() == at::kStrided && (t.is_cpu() || t.is_cuda()) &&
+         !t.key_set().has_any(kForeign);
+}
+inline bool eager_plain(const std::optional<at::Tensor>& t) { return !t.has_value() || !t->defined() || eager_plain(*t); }
+inline bool eager_no_modes() { return !c10::impl::TorchDispatchModeTLS::any_modes_set(); }
+inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+inline bool needs_grad(const std::optional<at::Tensor>& t) { return has_tensor(t) && t->requires_grad(); }
+inline std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 inline const float* opt_float_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }

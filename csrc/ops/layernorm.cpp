@@ -1,12 +1,14 @@
 // Torch-facing LayerNorm/RMSNorm ops: checks, allocation, and the call into the CPU or CUDA kernel.
 // Registered as gptkernels::layernorm_fwd / layernorm_bwd for the CPU and CUDA dispatch keys; their fake
 // implementations live in gptkernels/ops/layernorm.py.
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "../kernels/cpu/layernorm.h"
 #include "common.h"
+#include "eager.h"
 #ifdef GPTKERNELS_WITH_CUDA
 #include "../kernels/cuda/layernorm.cuh"
 #endif
@@ -21,10 +23,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd(const a
   const int64_t N = x_.size(-1);
   TORCH_CHECK(N >= 1, "x: last dim must be >= 1");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == N, "weight: shape must be (", N, ",), got ", weight.sizes());
+  TORCH_CHECK(weight.device() == x_.device(), "weight: must be on ", x_.device(), ", got ", weight.device());
   const DType dt = to_kernel_dtype(x_.scalar_type(), "x");
   const bool has_res = residual.has_value() && residual->defined();
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias: shape must be (", N, ",)");
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias: shape must be (", N, ",)");
+    TORCH_CHECK(bias->device() == x_.device(), "bias: must be on ", x_.device(), ", got ", bias->device());
+  }
   if (has_res) {
     TORCH_CHECK(residual->sizes() == x_.sizes(), "residual: shape ", residual->sizes(), " must match x ", x_.sizes());
     TORCH_CHECK_TYPE(residual->scalar_type() == x_.scalar_type(), "residual: dtype must match x");
@@ -80,6 +86,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& d
   const int64_t M = hin_.numel() / N;
   TORCH_CHECK(rstd_.numel() == M, "rstd: must have ", M, " elements");
   if (!rms) TORCH_CHECK(mean_.numel() == M, "mean: must have ", M, " elements");
+  TORCH_CHECK(dy_.device() == hin_.device(), "dy: must be on ", hin_.device(), ", got ", dy_.device());
+  if (has_dh) TORCH_CHECK(dh_->device() == hin_.device(), "dh: must be on ", hin_.device(), ", got ", dh_->device());
+  TORCH_CHECK(weight.device() == hin_.device(), "weight: must be on ", hin_.device(), ", got ", weight.device());
+  TORCH_CHECK(rstd_.device() == hin_.device() && (rms || mean_.device() == hin_.device()), "mean, rstd: must be on ",
+              hin_.device());
+  TORCH_CHECK_TYPE(rstd_.scalar_type() == at::kFloat && (rms || mean_.scalar_type() == at::kFloat),
+                   "mean, rstd: dtype must be float32");
   // A gradient can arrive expanded (stride 0) or transposed; the kernels want contiguous rows.
   const at::Tensor dy = dy_.contiguous();
   const at::Tensor dh = has_dh ? dh_->to(hin_.scalar_type()).contiguous() : at::Tensor();
@@ -118,6 +131,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& d
                       rstd.data_ptr<float>(), dx.data_ptr(), dw.data_ptr<float>(), db_p, M, N, rms);
   }
   return {dx, dw, db};
+}
+
+namespace {
+
+// Autograd of the eager entry: the same saves and the same glue calls as LayerNormFunction in
+// gptkernels/ops/layernorm.py. Inputs (x, weight, bias, residual, eps, rms); bias and residual are optional.
+struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& residual, double eps, bool rms) {
+    auto [y, h, mean, rstd] = layernorm_fwd(x, weight, bias, residual, eps, rms);
+    const bool has_res = has_tensor(residual), has_bias = has_tensor(bias);
+    ctx->save_for_backward({has_res ? h : x, weight, mean, rstd});
+    // One saved word: bit 0 bias, bit 1 residual, bit 2 rms, bits 8.. the bias dtype.
+    ctx->saved_data["f"] = int64_t(has_bias) | int64_t(has_res) << 1 | int64_t(rms) << 2 |
+                           (has_bias ? int64_t(bias->scalar_type()) : 0) << 8;
+    ctx->set_materialize_grads(false);
+    if (!has_res) ctx->mark_non_differentiable({h});
+    return {y, h};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &hin = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
+    const int64_t f = ctx->saved_data["f"].toInt();
+    const bool has_bias = f & 1, has_res = f & 2, rms = f & 4;
+    const at::Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(hin);
+    const std::optional<at::Tensor> dh = has_res && grads[1].defined() ? opt(grads[1]) : std::nullopt;
+    auto [dx, dw, db] = layernorm_bwd(dy, dh, hin, weight, mean, rstd, has_bias, rms);
+    return {dx, dw.to(weight.scalar_type()), has_bias ? db.to(at::ScalarType(f >> 8)) : at::Tensor(),
+            has_res ? dx : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+EagerOut layernorm_eager(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps,
+                         bool rms) {
+  // What the Python checks cover beyond the glue's: a weight (None is made a ones vector there), floating
+  // parameters, eps >= 0. Anything else goes to that path, which raises its documented errors.
+  if (!has_tensor(weight) || !eager_plain(x) || !eager_plain(weight) || !eager_plain(bias) || !eager_plain(residual) ||
+      !eager_no_modes())
+    return std::nullopt;
+  if (!(eps >= 0) || !weight->is_floating_point() || (has_tensor(bias) && !bias->is_floating_point()))
+    return std::nullopt;
+  const bool has_res = has_tensor(residual);
+  if (at::GradMode::is_enabled() &&
+      (x.requires_grad() || weight->requires_grad() || needs_grad(bias) || needs_grad(residual))) {
+    auto out = LayerNormFn::apply(x, *weight, bias, residual, eps, rms);
+    if (!has_res) out.resize(1);
+    return out;
+  }
+  auto [y, h, mean, rstd] = layernorm_fwd(x, *weight, bias, residual, eps, rms);
+  if (has_res) return std::vector<at::Tensor>{y, h};
+  return std::vector<at::Tensor>{y};
 }
 
 TORCH_LIBRARY_FRAGMENT(gptkernels, m) {

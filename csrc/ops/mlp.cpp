@@ -7,6 +7,7 @@
 //    residual (proj), DGELU_BGRAD (the grad GEMM dy @ W_proj writes dpre and db_fc). cuBLASLt's GELU is the tanh
 //    approximation, so gptkernels/ops/mlp.py routes only activation="gelu_tanh" here.
 // Fakes live in gptkernels/ops/mlp.py.
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -16,6 +17,7 @@
 
 #include "../kernels/cpu/mlp.h"
 #include "common.h"
+#include "eager.h"
 #ifdef GPTKERNELS_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>  // at::cuda::getCurrentCUDABlasLtHandle (torch >= 2.0)
 #include <cublasLt.h>
@@ -164,6 +166,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_bwd(const at::Tensor& dp
     silu_mul_bwd_cpu(dt, dp.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), p_p, n);
   }
   return {dg, du, p};
+}
+
+// ------------------------------------------------------------------------------------------------ eager entries
+namespace {
+
+// Autograd of the eager bias_gelu: saves x and bias, as BiasGeluFunction in gptkernels/ops/mlp.py. Inputs
+// (x, bias, activation); bias is optional.
+struct BiasGeluFn : public torch::autograd::Function<BiasGeluFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::string& activation) {
+    ctx->save_for_backward({x, bias.value_or(at::Tensor())});
+    ctx->saved_data["act"] = activation;
+    return {bias_gelu_fwd(x, bias, activation)};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &bias = s[1];
+    auto [dx, db, y] = bias_gelu_bwd(grads[0], x, opt(bias), ctx->saved_data["act"].toStringRef(), bias.defined(),
+                                     false);
+    return {dx, bias.defined() ? db.to(bias.scalar_type()) : at::Tensor(), at::Tensor()};
+  }
+};
+
+bool is_gemm_operand(const at::Tensor& w, const at::Tensor& x, int64_t rows, int64_t cols) {
+  return w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.scalar_type() == x.scalar_type() &&
+         w.device() == x.device();
+}
+
+bool is_vector(const std::optional<at::Tensor>& b, const at::Tensor& x, int64_t n) {
+  return !has_tensor(b) ||
+         (b->dim() == 1 && b->size(0) == n && b->scalar_type() == x.scalar_type() && b->device() == x.device());
+}
+
+}  // namespace
+
+EagerOut bias_gelu_eager(const at::Tensor& x, const std::optional<at::Tensor>& bias, const std::string& activation) {
+  if (!eager_plain(x) || !eager_plain(bias) || !eager_no_modes() || (has_tensor(bias) && !bias->is_floating_point()))
+    return std::nullopt;
+  if (at::GradMode::is_enabled() && (x.requires_grad() || needs_grad(bias)))
+    return BiasGeluFn::apply(x, bias, activation);
+  return std::vector<at::Tensor>{bias_gelu_fwd(x, bias, activation)};
+}
+
+// The ATen-GEMM path of fused_mlp / swiglu without autograd (inference, decode): the same calls as the no-grad
+// forward of FusedMLPFunction / SwiGLUFunction in gptkernels/ops/mlp.py, so the same numerics. With grad, or any
+// argument form not covered here, the Python path runs.
+EagerOut fused_mlp_eager(const at::Tensor& x, const at::Tensor& w_fc, const std::optional<at::Tensor>& b_fc,
+                         const at::Tensor& w_proj, const std::optional<at::Tensor>& b_proj,
+                         const std::string& activation, const std::optional<at::Tensor>& residual) {
+  if (!eager_plain(x) || !eager_plain(w_fc) || !eager_plain(b_fc) || !eager_plain(w_proj) || !eager_plain(b_proj) ||
+      !eager_plain(residual) || !eager_no_modes() || x.dim() < 1)
+    return std::nullopt;
+  if (at::GradMode::is_enabled() && (x.requires_grad() || w_fc.requires_grad() || needs_grad(b_fc) ||
+                                     w_proj.requires_grad() || needs_grad(b_proj) || needs_grad(residual)))
+    return std::nullopt;
+  const int64_t c = x.size(-1), hid = w_fc.dim() == 2 ? w_fc.size(0) : -1;
+  if (c < 1 || !is_gemm_operand(w_fc, x, hid, c) || !is_gemm_operand(w_proj, x, c, hid) || !is_vector(b_fc, x, hid) ||
+      !is_vector(b_proj, x, c))
+    return std::nullopt;
+  if (has_tensor(residual) && (residual->sizes() != x.sizes() || residual->scalar_type() != x.scalar_type() ||
+                               residual->device() != x.device()))
+    return std::nullopt;
+  to_kernel_dtype(x.scalar_type(), "x");
+  const at::Tensor x2 = x.reshape({-1, c});  // (M, C)
+  // The fc bias rides in the GEMM (addmm): pre is rounded once, as eager nn.Linear rounds it.
+  const at::Tensor pre = has_tensor(b_fc) ? at::addmm(*b_fc, x2, w_fc.t()) : at::mm(x2, w_fc.t());  // (M, H)
+  const at::Tensor a = bias_gelu_fwd(pre, std::nullopt, activation);                                // (M, H)
+  at::Tensor y;
+  if (has_tensor(residual)) {
+    y = at::addmm(residual->reshape({-1, c}), a, w_proj.t());  // (M, C), residual added by the GEMM
+    if (has_tensor(b_proj)) y.add_(*b_proj);
+  } else if (has_tensor(b_proj)) {
+    y = at::addmm(*b_proj, a, w_proj.t());
+  } else {
+    y = at::mm(a, w_proj.t());
+  }
+  return std::vector<at::Tensor>{y.view(x.sizes())};
+}
+
+EagerOut swiglu_eager(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                      const at::Tensor& w_down) {
+  if (!eager_plain(x) || !eager_plain(w_gate) || !eager_plain(w_up) || !eager_plain(w_down) || !eager_no_modes() ||
+      x.dim() < 1)
+    return std::nullopt;
+  if (at::GradMode::is_enabled() &&
+      (x.requires_grad() || w_gate.requires_grad() || w_up.requires_grad() || w_down.requires_grad()))
+    return std::nullopt;
+  const int64_t c = x.size(-1), hid = w_gate.dim() == 2 ? w_gate.size(0) : -1;
+  if (c < 1 || !is_gemm_operand(w_gate, x, hid, c) || !is_gemm_operand(w_up, x, hid, c) ||
+      !is_gemm_operand(w_down, x, c, hid))
+    return std::nullopt;
+  to_kernel_dtype(x.scalar_type(), "x");
+  const at::Tensor x2 = x.reshape({-1, c});                                     // (M, C)
+  const at::Tensor p = silu_mul_fwd(at::mm(x2, w_gate.t()), at::mm(x2, w_up.t()));  // (M, H)
+  return std::vector<at::Tensor>{at::mm(p, w_down.t()).view(x.sizes())};
 }
 
 

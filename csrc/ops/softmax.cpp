@@ -3,15 +3,19 @@
 // keys; their fake implementations live in gptkernels/ops/softmax.py.
 #include <ATen/Parallel.h>
 #include <ATen/TensorUtils.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
 #include "../kernels/cpu/softmax.h"
 #include "common.h"
+#include "eager.h"
 #ifdef GPTKERNELS_WITH_CUDA
 #include "../kernels/cuda/softmax.cuh"
 #endif
@@ -144,6 +148,53 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd(const at::Tensor& y_, const at::T
     softmax_bwd_cpu(dt, y.data_ptr(), dy.data_ptr(), dy.stride(0), dx.data_ptr(), dz_p, M, N, float(scale));
   }
   return result();
+}
+
+namespace {
+
+// Autograd of the eager entry: saves y only, as SoftmaxFunction in gptkernels/ops/softmax.py. Inputs (x, mask,
+// scale, causal); the mask here never requires grad (a float mask with grad takes the Python path, which returns
+// dmask).
+struct SoftmaxFn : public torch::autograd::Function<SoftmaxFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const std::optional<at::Tensor>& mask, double scale, bool causal) {
+    at::Tensor y = softmax_fwd(x, mask, scale, causal);
+    ctx->save_for_backward({y});
+    ctx->saved_data["scale"] = scale;
+    return {y};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor y = ctx->get_saved_variables()[0];
+    auto [dx, dz] = softmax_bwd(y, grads[0], ctx->saved_data["scale"].toDouble(), false);
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+// A mask as the kernels read it: bool (True = keep) becomes 0 / -inf in fp32, a float mask is cast to fp32; both keep
+// their own (broadcast) shape.
+at::Tensor additive_mask_f32(const at::Tensor& mask) {
+  if (mask.scalar_type() == at::kBool) {
+    return at::zeros(mask.sizes(), mask.options().dtype(at::kFloat))
+        .masked_fill_(mask.logical_not(), -std::numeric_limits<float>::infinity());
+  }
+  return mask.to(at::kFloat);
+}
+
+EagerOut softmax_eager(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale, bool causal) {
+  if (!eager_plain(x) || !eager_plain(mask) || !eager_no_modes() || !std::isfinite(scale)) return std::nullopt;
+  const bool grad_mode = at::GradMode::is_enabled();
+  at::Tensor m;
+  if (has_tensor(mask)) {
+    if (mask->scalar_type() != at::kBool && !mask->is_floating_point()) return std::nullopt;
+    if (grad_mode && mask->requires_grad()) return std::nullopt;  // dmask: the Python path
+    m = additive_mask_f32(*mask);
+  }
+  if (grad_mode && x.requires_grad()) return SoftmaxFn::apply(x, opt(m), scale, causal);
+  return std::vector<at::Tensor>{softmax_fwd(x, opt(m), scale, causal)};
 }
 
 TORCH_LIBRARY_FRAGMENT(gptkernels, m) {

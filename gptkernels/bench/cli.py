@@ -21,6 +21,11 @@ def _csv(text):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", choices=("ops", "overhead"), default="ops",
+                   help="ops (default): throughput of every op at model shapes; overhead: host time per call of every "
+                        "public op at decode sizes vs the eager call it replaces (gptkernels/bench/overhead.py)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads for the run (default: the overhead suite 1, the ops suite torch's default)")
     p.add_argument("--ops", type=_csv, default=None,
                    help="comma list of ops, or 'all' (default: the device's default suite; see --list)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present, else cpu")
@@ -94,6 +99,9 @@ def run(args) -> int:
 
     import torch
 
+    if args.suite == "overhead":
+        return _run_overhead(args)
+
     from gptkernels.bench import report, specs
     from gptkernels.bench.registry import MODES, OPS
     from gptkernels.bench.runner import Config
@@ -147,6 +155,39 @@ def run(args) -> int:
         except ImportError as e:
             print(f"bench: --plot needs matplotlib ({e}); pip install 'gptkernels[bench]'", file=sys.stderr)
     print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 1 if any(r["status"] == "FAIL" for r in result["rows"]) else 0
+
+
+def _run_overhead(args) -> int:
+    import torch
+
+    from gptkernels.bench import overhead, report
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32"])
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        print(f"bench: unknown dtype {', '.join(bad)}; choose from {', '.join(DTYPES)}", file=sys.stderr)
+        return 2
+    ops = None if args.ops in (None, ["all"]) else args.ops
+    known = [c.op for c in overhead.cases()]
+    if ops and any(o not in known for o in ops):
+        print(f"bench: unknown op for --suite overhead: {', '.join(o for o in ops if o not in known)}; choose from "
+              f"{', '.join(known)}", file=sys.stderr)
+        return 2
+    backends = None
+    if args.providers:
+        backends = [p.removeprefix("gptkernels-") for p in args.providers if p != "eager"]
+    rounds, calls = (7, 50) if args.quick else (25, 200)
+    result = overhead.run(device, [getattr(torch, DTYPES[d]) for d in dtypes], backends=backends, ops=ops,
+                          rounds=rounds, calls=calls, threads=args.threads if args.threads is not None else 1,
+                          argv=[shlex.quote(a) for a in _command(args)], progress=not args.no_progress)
+    jpath, cpath = report.write(result, args.out)
+    print(overhead.markdown(result))
+    print("\nwrote " + ", ".join(str(p) for p in (jpath, cpath)), file=sys.stderr)
     return 1 if any(r["status"] == "FAIL" for r in result["rows"]) else 0
 
 

@@ -77,3 +77,12 @@ def bench_spec(name: str) -> OpSpec:
         formula={"fwd": "(6N + 12*L*C*T) * B*T / 3", "bwd": "(6N + 12*L*C*T) * B*T * 2/3"},
         default_on=(),
     )
+
+
+def model_spec(name: str) -> tuple[OpSpec | None, str | None]:
+    """The whole-model benchmark: an :class:`OpSpec` of one GPT training step (then it runs like any op), or
+    (None, why) for an unknown model preset."""
+    try:
+        return bench_spec(name), None
+    except ValueError as e:
+        return None, str(e)

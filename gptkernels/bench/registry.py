@@ -2,8 +2,9 @@
 
 An op is benchmarked by every provider usable on the device: ``eager`` (the PyTorch a user would write),
 ``compile`` (``torch.compile`` of that same eager function) and one ``gptkernels-<backend>`` per kernel backend.
-Tests and later ops add more with :func:`register_provider` / :func:`register_op`; an op whose module does not
-import yet (attention, mlp) stays in the registry and is reported as "not available" with the reason.
+Tests and new ops add more with :func:`register_provider` / :func:`register_op`. An op whose module fails to import
+(a broken build, a missing optional dependency) or that has no benchmark spec yet (:class:`Placeholder`) stays in the
+registry and is reported as "not available" with the reason.
 """
 
 from __future__ import annotations
@@ -120,13 +121,3 @@ def unavailable_reason(name: str) -> str | None:
         _AVAILABLE[name] = why
     return _AVAILABLE[name]
 
-
-def model_spec(name: str) -> tuple[OpSpec | None, str | None]:
-    """The whole-model benchmark: an :class:`OpSpec` of one GPT training step (then it runs like any op), or
-    (None, why) for an unknown model preset."""
-    from gptkernels.bench.model_spec import bench_spec
-
-    try:
-        return bench_spec(name), None
-    except ValueError as e:
-        return None, str(e)

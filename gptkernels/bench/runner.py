@@ -14,7 +14,8 @@ import torch
 from gptkernels.bench import harness, roofline
 from gptkernels.bench.env import fingerprint, load_avg
 from gptkernels.bench.harness import Problem
-from gptkernels.bench.registry import OPS, OpSpec, model_spec, unavailable_reason
+from gptkernels.bench.model_spec import model_spec
+from gptkernels.bench.registry import OPS, OpSpec, unavailable_reason
 from gptkernels.bench.specs import parse_shape
 
 SCHEMA = "gptkernels-bench/1"

@@ -36,21 +36,14 @@ import numbers
 import torch
 
 from gptkernels import _dispatch
-from gptkernels.ops import _autograd
+from gptkernels.ops import _common
 
-_NEG_INF = float("-inf")
+_NEG_INF = _common.NEG_INF
 _OP = "scaled_dot_product_attention"
 _DECODE_OP = "decode_attention"
 
 
 # ----------------------------------------------------------------------------------------------- reference
-def _additive(mask, dtype):
-    """A bool keep-mask (True = attend, as SDPA) as 0 / -inf in ``dtype``, or a float mask cast to it."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, _NEG_INF)
-    return mask.to(dtype)
-
-
 def _visible(tq, tk, causal, window, device):
     """(Tq, Tk) bool: key j visible to query i under causal / window masking, or None when all are."""
     if not causal and window is None:
@@ -84,7 +77,7 @@ def attention_ref(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (qf @ kf.transpose(-2, -1)) * scale
     if attn_mask is not None:
-        s = s + _additive(attn_mask, dt)
+        s = s + _common.additive_mask(attn_mask, dt)
     vis = _visible(s.shape[-2], s.shape[-1], is_causal, window, s.device)
     if vis is not None:
         s = s.masked_fill(~vis, _NEG_INF)
@@ -133,7 +126,7 @@ def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("gptkernels::attention_fwd_triton", mutates_args=())
+@_common.triton_op("attention_fwd_triton", _fwd_fake)
 def _attention_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
     window: int, dropout_p: float, seed: int,
@@ -143,7 +136,7 @@ def _attention_fwd_triton(
     return tl_attn.attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, seed)
 
 
-@torch.library.custom_op("gptkernels::attention_bwd_triton", mutates_args=())
+@_common.triton_op("attention_bwd_triton", _bwd_fake)
 def _attention_bwd_triton(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     mask: torch.Tensor | None, scale: float, causal: bool, window: int, dropout_p: float, seed: int,
@@ -153,7 +146,7 @@ def _attention_bwd_triton(
     return tl_attn.attention_bwd(dout, q, k, v, out, lse, mask, scale, causal, window, dropout_p, seed)
 
 
-@torch.library.custom_op("gptkernels::decode_attention_triton", mutates_args=())
+@_common.triton_op("decode_attention_triton", _decode_fake)
 def _decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float,
     num_splits: int,
@@ -163,23 +156,9 @@ def _decode_attention_triton(
     return tl_attn.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
 
 
-torch.library.register_fake("gptkernels::attention_fwd_triton")(_fwd_fake)
-torch.library.register_fake("gptkernels::attention_bwd_triton")(_bwd_fake)
-torch.library.register_fake("gptkernels::decode_attention_triton")(_decode_fake)
 # The C++ ops exist only when the extension loaded and was built with csrc/ops/attention.cpp.
-_HAS_CPP_OPS = _dispatch.extension() is not None and hasattr(torch.ops.gptkernels, "attention_fwd")
-if _HAS_CPP_OPS:
-    torch.library.register_fake("gptkernels::attention_fwd")(_fwd_fake)
-    torch.library.register_fake("gptkernels::attention_bwd")(_bwd_fake)
-    torch.library.register_fake("gptkernels::decode_attention")(_decode_fake)
-
-
-def _ops(backend):
-    """(fwd, bwd, decode) custom ops of a kernel backend."""
-    ops = torch.ops.gptkernels
-    if backend == "triton":
-        return ops.attention_fwd_triton, ops.attention_bwd_triton, ops.decode_attention_triton
-    return ops.attention_fwd, ops.attention_bwd, ops.decode_attention  # cpu and cuda: by device
+_HAS_CPP_OPS = _common.register_cpp_fakes({"attention_fwd": _fwd_fake, "attention_bwd": _bwd_fake,
+                                           "decode_attention": _decode_fake})
 
 
 _CAPABILITY: dict = {}  # device index -> (major, minor); a plain dict (torch.compile traces _supports)
@@ -221,8 +200,7 @@ def _supports(dtype, head_dim, device):
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, scale, causal, window, dropout_p, seed, backend):
-        fwd, _, _ = _ops(backend)
-        out, lse = fwd(q, k, v, mask, scale, causal, window, dropout_p, seed)
+        out, lse = _common.kernel_op("attention_fwd", backend)(q, k, v, mask, scale, causal, window, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.args = (scale, causal, window, dropout_p, seed)
         ctx.backend = backend
@@ -231,8 +209,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        _, bwd, _ = _ops(ctx.backend)
-        dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, *ctx.args)
+        dq, dk, dv = _common.kernel_op("attention_bwd", ctx.backend)(dout, q, k, v, out, lse, mask, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -357,6 +334,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         out (..., H, Tq, D) in query's dtype. A query row that sees no key gets zeros.
     """
     fn = _OP
+    if (not _common.is_compiling() and isinstance(query, torch.Tensor) and query.dim() >= 3 and dropout_p == 0
+            and type(dropout_p) in (float, int) and (scale is None or type(scale) is float)
+            and (window is None or type(window) is int)):
+        # Eager fast path (no dropout: its seed is drawn here): the cached backend decision, then the C++ entry.
+        rec = _dispatch.choice(fn, query.device, backend, (query.dtype, query.shape[-1]))
+        if rec is not None and rec[0] in _common.EAGER_BACKENDS:
+            out = _common.eager_call(_common.C.attention, query, key, value, attn_mask, scale, is_causal, enable_gqa,
+                                     window)
+            if out is not None:
+                return out
     _check(fn, query, key, value, attn_mask, dropout_p, scale, enable_gqa, window)
     lead = tuple(query.shape[:-3])
     H, Tq, D = query.shape[-3:]
@@ -368,14 +355,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     mask = _mask_4d(attn_mask, lead, B)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     causal = bool(is_causal) or window is not None
-    be = _dispatch.select(fn, query.device, backend, _supports(query.dtype, D, query.device))
+    be = _dispatch.select(fn, query.device, backend, _supports(query.dtype, D, query.device), key=(query.dtype, D))
     if be == "torch":
         out = attention_ref(q, k, v, mask, float(dropout_p), causal, scale, window=window)
     else:
-        mask32 = _additive(mask, torch.float32) if mask is not None else None
+        mask32 = _common.additive_mask(mask, torch.float32) if mask is not None else None
         seed = _draw_seed() if dropout_p > 0 else 0
         win = int(window) if window is not None else -1
-        out = _autograd.apply(AttentionFunction, q, k, v, mask32, scale, causal, win, float(dropout_p), seed, be)
+        out = _common.apply(AttentionFunction, q, k, v, mask32, scale, causal, win, float(dropout_p), seed, be)
     return out.reshape(*lead, H, Tq, D)
 
 
@@ -435,14 +422,20 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, backend=Non
         out (B, H, Tn, D) in q's dtype: query t attends to keys j <= L_b - Tn + t (causal, bottom-right aligned).
     """
     fn = _DECODE_OP
+    if (not _common.is_compiling() and isinstance(q, torch.Tensor) and q.dim() == 4
+            and (scale is None or type(scale) is float)):
+        rec = _dispatch.choice(fn, q.device, backend, (q.dtype, q.shape[-1]))
+        if rec is not None and rec[0] in _common.EAGER_BACKENDS:
+            out = _common.eager_call(_common.C.decode_attention, q, k_cache, v_cache, cache_seqlens, scale)
+            if out is not None:
+                return out
     _check_decode(fn, q, k_cache, v_cache, cache_seqlens)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale)):
         raise ValueError(f"{fn}: scale must be a finite float or None, got {scale!r}")
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    be = _dispatch.select(fn, q.device, backend, _supports(q.dtype, D, q.device))
+    be = _dispatch.select(fn, q.device, backend, _supports(q.dtype, D, q.device), key=(q.dtype, D))
     if be == "torch":
         return decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale)
-    _, _, decode = _ops(be)
-    return decode(q, k_cache, v_cache, cache_seqlens, scale, 0)
+    return _common.kernel_op("decode_attention", be)(q, k_cache, v_cache, cache_seqlens, scale, 0)

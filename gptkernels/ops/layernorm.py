@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkernels import _dispatch
-from gptkernels.ops import _autograd
+from gptkernels.ops import _common
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -55,7 +55,7 @@ def _bwd_fake(dy, dh, hin, weight, mean, rstd, has_bias, rms):
     return torch.empty_like(hin), hin.new_empty(n, dtype=torch.float32), db
 
 
-@torch.library.custom_op("gptkernels::layernorm_fwd_triton", mutates_args=())
+@_common.triton_op("layernorm_fwd_triton", _fwd_fake)
 def _layernorm_fwd_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float,
     rms: bool,
@@ -72,7 +72,7 @@ def _layernorm_fwd_triton(
             mean if rms else mean.view(stats), rstd.view(stats))
 
 
-@torch.library.custom_op("gptkernels::layernorm_bwd_triton", mutates_args=())
+@_common.triton_op("layernorm_bwd_triton", _bwd_fake)
 def _layernorm_bwd_triton(
     dy: torch.Tensor, dh: torch.Tensor | None, hin: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor, has_bias: bool, rms: bool,
@@ -88,25 +88,14 @@ def _layernorm_bwd_triton(
     return dx.view(hin.shape), dw, db
 
 
-torch.library.register_fake("gptkernels::layernorm_fwd_triton")(_fwd_fake)
-torch.library.register_fake("gptkernels::layernorm_bwd_triton")(_bwd_fake)
-if _dispatch.extension() is not None:  # the C++ ops exist only when the extension loaded
-    torch.library.register_fake("gptkernels::layernorm_fwd")(_fwd_fake)
-    torch.library.register_fake("gptkernels::layernorm_bwd")(_bwd_fake)
-
-
-def _ops(backend):
-    if backend == "triton":
-        return torch.ops.gptkernels.layernorm_fwd_triton, torch.ops.gptkernels.layernorm_bwd_triton
-    return torch.ops.gptkernels.layernorm_fwd, torch.ops.gptkernels.layernorm_bwd  # cpu and cuda: by device
+_common.register_cpp_fakes({"layernorm_fwd": _fwd_fake, "layernorm_bwd": _bwd_fake})
 
 
 # ----------------------------------------------------------------------------------------------- autograd
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, rms, backend):
-        fwd, _ = _ops(backend)
-        y, h, mean, rstd = fwd(x, weight, bias, residual, eps, rms)
+        y, h, mean, rstd = _common.kernel_op("layernorm_fwd", backend)(x, weight, bias, residual, eps, rms)
         ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
         ctx.has_bias, ctx.has_residual, ctx.rms, ctx.backend = bias is not None, residual is not None, rms, backend
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -118,9 +107,9 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh):
         hin, weight, mean, rstd = ctx.saved_tensors
-        _, bwd = _ops(ctx.backend)
         if dy is None:
             dy = torch.zeros_like(hin)
+        bwd = _common.kernel_op("layernorm_bwd", ctx.backend)
         dx, dw, db = bwd(dy, dh if ctx.has_residual else None, hin, weight, mean, rstd, ctx.has_bias, ctx.rms)
         dbias = db.to(ctx.bias_dtype) if ctx.has_bias else None
         return dx, dw.to(weight.dtype), dbias, dx if ctx.has_residual else None, None, None, None
@@ -156,13 +145,32 @@ def _check(fn, x, weight, bias, residual, eps):
         raise ValueError(f"{fn}: eps must be >= 0, got {eps}")
 
 
+_ONES: dict = {}  # (N, device) -> fp32 ones: the weight of a norm without affine scale, made once
+
+
+def _ones(n, device):
+    if _common.is_compiling():
+        return torch.ones(n, device=device, dtype=torch.float32)
+    key = (n, device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones(n, device=device, dtype=torch.float32)
+    return _ONES[key]
+
+
 def _norm(fn, x, weight, bias, eps, residual, rms, backend):
+    if not _common.is_compiling():
+        # Eager fast path: the cached backend decision, then the C++ entry (checks, autograd, kernel) in one call.
+        rec = _dispatch.choice(fn, x.device, backend, x.dtype) if isinstance(x, torch.Tensor) else None
+        if rec is not None and rec[0] in _common.EAGER_BACKENDS:
+            out = _common.eager_call(_common.C.layernorm, x, weight, bias, residual, eps, rms)
+            if out is not None:
+                return out
     _check(fn, x, weight, bias, residual, eps)
-    be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b), key=x.dtype)
     if be == "torch":
         return layer_norm_ref(x, weight, bias, eps, residual, rms)
-    w = weight if weight is not None else torch.ones(x.shape[-1], device=x.device, dtype=torch.float32)
-    y, h = _autograd.apply(LayerNormFunction, x, w, bias, residual, float(eps), rms, be)
+    w = weight if weight is not None else _ones(x.shape[-1], x.device)
+    y, h = _common.apply(LayerNormFunction, x, w, bias, residual, float(eps), rms, be)
     return (y, h) if residual is not None else y
 
 

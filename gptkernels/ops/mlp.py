@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkernels import _dispatch
-from gptkernels.ops import _autograd
+from gptkernels.ops import _common
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 _APPROXIMATE = {"tanh": "gelu_tanh", "none": "gelu"}
@@ -101,7 +101,7 @@ def _silu_mul_bwd_fake(dp, g, u, want_p):
     return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g) if want_p else g.new_empty(0)
 
 
-@torch.library.custom_op("gptkernels::bias_gelu_fwd_triton", mutates_args=())
+@_common.triton_op("bias_gelu_fwd_triton", _bias_gelu_fwd_fake)
 def _bias_gelu_fwd_triton(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     from gptkernels.triton import mlp as tl_mlp
 
@@ -110,7 +110,7 @@ def _bias_gelu_fwd_triton(x: torch.Tensor, bias: torch.Tensor | None, activation
     return y.view(x.shape)
 
 
-@torch.library.custom_op("gptkernels::bias_gelu_bwd_triton", mutates_args=())
+@_common.triton_op("bias_gelu_bwd_triton", _bias_gelu_bwd_fake)
 def _bias_gelu_bwd_triton(
     dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str, want_dbias: bool, want_y: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,14 +124,14 @@ def _bias_gelu_bwd_triton(
     return dx.view(x.shape), db, y.view(x.shape) if want_y else y
 
 
-@torch.library.custom_op("gptkernels::silu_mul_fwd_triton", mutates_args=())
+@_common.triton_op("silu_mul_fwd_triton", _silu_mul_fwd_fake)
 def _silu_mul_fwd_triton(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     from gptkernels.triton import mlp as tl_mlp
 
     return tl_mlp.silu_mul_fwd(g, u)
 
 
-@torch.library.custom_op("gptkernels::silu_mul_bwd_triton", mutates_args=())
+@_common.triton_op("silu_mul_bwd_triton", _silu_mul_bwd_fake)
 def _silu_mul_bwd_triton(
     dp: torch.Tensor, g: torch.Tensor, u: torch.Tensor, want_p: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,16 +140,8 @@ def _silu_mul_bwd_triton(
     return tl_mlp.silu_mul_bwd(dp, g, u, want_p)
 
 
-_FAKES = {
-    "bias_gelu_fwd": _bias_gelu_fwd_fake,
-    "bias_gelu_bwd": _bias_gelu_bwd_fake,
-    "silu_mul_fwd": _silu_mul_fwd_fake,
-    "silu_mul_bwd": _silu_mul_bwd_fake,
-}
-for _name, _fake in _FAKES.items():
-    torch.library.register_fake(f"gptkernels::{_name}_triton")(_fake)
-    if _dispatch.extension() is not None:  # the C++ ops exist only when the extension loaded
-        torch.library.register_fake(f"gptkernels::{_name}")(_fake)
+_common.register_cpp_fakes({"bias_gelu_fwd": _bias_gelu_fwd_fake, "bias_gelu_bwd": _bias_gelu_bwd_fake,
+                            "silu_mul_fwd": _silu_mul_fwd_fake, "silu_mul_bwd": _silu_mul_bwd_fake})
 
 
 # The Triton GEMMs with fused epilogues (gptkernels/triton/matmul.py). b operands are (K, N) views of nn.Linear weights
@@ -175,7 +167,7 @@ def _matmul_dswiglu_fake(a, b, g, u, want_p):
     return a.new_empty(m, n), a.new_empty(m, n), a.new_empty((m, n) if want_p else 0)
 
 
-@torch.library.custom_op("gptkernels::matmul_act_fwd_triton", mutates_args=())
+@_common.triton_op("matmul_act_fwd_triton", _matmul_act_fake)
 def _matmul_act_fwd_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                            residual: torch.Tensor | None, activation: str,
                            save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +177,7 @@ def _matmul_act_fwd_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor 
     return out if save_pre else (out, a.new_empty(0))
 
 
-@torch.library.custom_op("gptkernels::matmul_act_bwd_triton", mutates_args=())
+@_common.triton_op("matmul_act_bwd_triton", _matmul_dact_fake)
 def _matmul_act_bwd_triton(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, activation: str, want_act: bool,
                            want_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import matmul as tl_mm
@@ -193,7 +185,7 @@ def _matmul_act_bwd_triton(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, 
     return tl_mm.matmul_dact(a, b, pre, activation, want_act, want_dbias)
 
 
-@torch.library.custom_op("gptkernels::matmul_swiglu_fwd_triton", mutates_args=())
+@_common.triton_op("matmul_swiglu_fwd_triton", _matmul_swiglu_fake)
 def _matmul_swiglu_fwd_triton(a: torch.Tensor, b_gate: torch.Tensor,
                               b_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import matmul as tl_mm
@@ -201,7 +193,7 @@ def _matmul_swiglu_fwd_triton(a: torch.Tensor, b_gate: torch.Tensor,
     return tl_mm.matmul_swiglu(a, b_gate, b_up)
 
 
-@torch.library.custom_op("gptkernels::matmul_swiglu_bwd_triton", mutates_args=())
+@_common.triton_op("matmul_swiglu_bwd_triton", _matmul_dswiglu_fake)
 def _matmul_swiglu_bwd_triton(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
                               want_p: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import matmul as tl_mm
@@ -209,10 +201,6 @@ def _matmul_swiglu_bwd_triton(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor,
     return tl_mm.matmul_dswiglu(a, b, g, u, want_p)
 
 
-torch.library.register_fake("gptkernels::matmul_act_fwd_triton")(_matmul_act_fake)
-torch.library.register_fake("gptkernels::matmul_act_bwd_triton")(_matmul_dact_fake)
-torch.library.register_fake("gptkernels::matmul_swiglu_fwd_triton")(_matmul_swiglu_fake)
-torch.library.register_fake("gptkernels::matmul_swiglu_bwd_triton")(_matmul_dswiglu_fake)
 
 
 # The cuBLASLt epilogue GEMMs (csrc/ops/mlp.cpp), CUDA only. w in nn.Linear layout.
@@ -230,29 +218,13 @@ def _mlp_dgelu_lt_fake(dy, w, pre, want_dbias):
     return dy.new_empty(dy.shape[0], h), dy.new_empty(h if want_dbias else 0)
 
 
-_LT_FAKES = {"mlp_fc_gelu_lt": _mlp_fc_gelu_lt_fake, "mlp_linear_lt": _mlp_linear_lt_fake,
-             "mlp_dgelu_lt": _mlp_dgelu_lt_fake}
-
-
-def _has_cpp_op(name):
-    try:
-        getattr(torch.ops.gptkernels, name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 # An extension built before the cuBLASLt ops existed lacks them; the cuda path then says so (see _lt_reason).
-_HAS_LT = _dispatch.extension() is not None and all(_has_cpp_op(n) for n in _LT_FAKES)
-if _HAS_LT:
-    for _name, _fake in _LT_FAKES.items():
-        torch.library.register_fake(f"gptkernels::{_name}")(_fake)
+_HAS_LT = _common.register_cpp_fakes({"mlp_fc_gelu_lt": _mlp_fc_gelu_lt_fake, "mlp_linear_lt": _mlp_linear_lt_fake,
+                                      "mlp_dgelu_lt": _mlp_dgelu_lt_fake})
 
 
-def _ops(backend):
-    """(bias_gelu_fwd, bias_gelu_bwd, silu_mul_fwd, silu_mul_bwd) of a kernel backend; cpu and cuda: by device."""
-    suffix = "_triton" if backend == "triton" else ""
-    return tuple(getattr(torch.ops.gptkernels, name + suffix) for name in _FAKES)
+def _op(name, backend):
+    return _common.kernel_op(name, backend)
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -263,16 +235,14 @@ def _reduce_dbias(db, bias):
 class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, activation, backend):
-        fwd, _, _, _ = _ops(backend)
         ctx.save_for_backward(x, bias)
         ctx.activation, ctx.backend = activation, backend
-        return fwd(x, bias, activation)
+        return _op("bias_gelu_fwd", backend)(x, bias, activation)
 
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
-        _, bwd, _, _ = _ops(ctx.backend)
-        dx, db, _ = bwd(dy, x, bias, ctx.activation, bias is not None, False)
+        dx, db, _ = _op("bias_gelu_bwd", ctx.backend)(dy, x, bias, ctx.activation, bias is not None, False)
         return dx, _reduce_dbias(db, bias), None, None
 
 
@@ -299,20 +269,29 @@ def _lt_reason(activation, hid, rows):
 
 
 def _gemm_path(op, backend, activation=None, hid=0, rows=0):
-    """'triton', 'cublaslt' or 'aten' for this call, appended to the dispatch record's reason (explain())."""
+    """'triton', 'cublaslt' or 'aten' for this call, and the note for explain()'s reason."""
     if backend == "triton":
-        path, note = "triton", "gemm path: Triton matmul with fused epilogues"
-    elif backend == "cuda" and op == "fused_mlp":
+        return "triton", "gemm path: Triton matmul with fused epilogues"
+    if backend == "cuda" and op == "fused_mlp":
         why = _lt_reason(activation, hid, rows)
-        path = "cublaslt" if why is None else "aten"
-        note = ("gemm path: cuBLASLt epilogues (GELU_AUX_BIAS, BIAS, DGELU_BGRAD)" if why is None
-                else f"gemm path: ATen GEMM + gptkernels epilogue kernel ({why})")
-    else:
-        path, note = "aten", "gemm path: ATen GEMM + gptkernels epilogue kernel"
-    rec = _dispatch.last(op)
-    if rec is not None and "gemm path" not in rec[1]:
-        _dispatch.note(op, note)
-    return path
+        if why is None:
+            return "cublaslt", "gemm path: cuBLASLt epilogues (GELU_AUX_BIAS, BIAS, DGELU_BGRAD)"
+        return "aten", f"gemm path: ATen GEMM + gptkernels epilogue kernel ({why})"
+    return "aten", "gemm path: ATen GEMM + gptkernels epilogue kernel"
+
+
+def _select_with_path(fn, x, backend, key, activation=None, hid=0, rows=0):
+    """(backend, gemm path) of a fused_mlp / swiglu call; the cached explain() record carries the path note."""
+    rec = _dispatch.choice(fn, x.device, backend, key) if not _common.is_compiling() else None
+    if rec is not None and "gemm path" in rec[1]:
+        be = rec[0]
+        return be, _gemm_path(fn, be, activation, hid, rows)[0]
+    be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    path, note = _gemm_path(fn, be, activation, hid, rows)
+    _dispatch.note(fn, note)
+    if not _common.is_compiling():
+        _dispatch.remember(fn, x.device, backend, key)
+    return be, path
 
 
 class FusedMLPFunction(torch.autograd.Function):
@@ -323,13 +302,14 @@ class FusedMLPFunction(torch.autograd.Function):
         r2 = residual.reshape(-1, c) if residual is not None else None
         if path == "triton":
             # One kernel each: fc writes pre (saved) and a = act(pre); proj adds b_proj and the residual.
-            a, pre = torch.ops.gptkernels.matmul_act_fwd_triton(x2, w_fc.t(), b_fc, None, activation, True)
-            y, _ = torch.ops.gptkernels.matmul_act_fwd_triton(a, w_proj.t(), b_proj, r2, "none", False)
+            mm = _op("matmul_act_fwd", "triton")
+            a, pre = mm(x2, w_fc.t(), b_fc, None, activation, True)
+            y, _ = mm(a, w_proj.t(), b_proj, r2, "none", False)
         elif path == "cublaslt":
             a, pre = torch.ops.gptkernels.mlp_fc_gelu_lt(x2, w_fc, b_fc)  # GELU_AUX_BIAS: a and pre, one GEMM
             y = torch.ops.gptkernels.mlp_linear_lt(a, w_proj, b_proj, r2)  # BIAS, beta = 1 on the residual
         else:
-            fwd, _, _, _ = _ops(backend)
+            fwd = _op("bias_gelu_fwd", backend)
             # The fc bias rides in the GEMM (addmm): pre = fc(x) + b_fc is rounded once, as eager nn.Linear rounds
             # it. Adding b_fc in the activation kernel instead would save an (M, H) pass on the CPU but round fc(x)
             # before the bias: in bf16 that moved pre-activations near ReLU's kink by up to 2^-9 * |fc(x)| and
@@ -357,14 +337,13 @@ class FusedMLPFunction(torch.autograd.Function):
         has_bfc = ctx.bfc_dtype is not None
         if ctx.path == "triton":
             # dh = (dy @ W_proj) * act'(pre), a = act(pre) and db_fc's partial sums from the GEMM's epilogue.
-            dh, a, db_fc = torch.ops.gptkernels.matmul_act_bwd_triton(dy2, w_proj, pre, ctx.activation, True,
-                                                                      has_bfc)
+            dh, a, db_fc = _op("matmul_act_bwd", "triton")(dy2, w_proj, pre, ctx.activation, True, has_bfc)
         elif ctx.path == "cublaslt":
             dh, db_fc = torch.ops.gptkernels.mlp_dgelu_lt(dy2, w_proj, pre, has_bfc)  # DGELU_BGRAD
-            fwd, _, _, _ = _ops(ctx.backend)
-            a = fwd(pre, None, ctx.activation)  # for dW_proj: recomputed, not saved (one (M, H) pass)
+            # For dW_proj: recomputed, not saved (one (M, H) pass).
+            a = _op("bias_gelu_fwd", ctx.backend)(pre, None, ctx.activation)
         else:
-            _, bwd, _, _ = _ops(ctx.backend)
+            bwd = _op("bias_gelu_bwd", ctx.backend)
             da = torch.mm(dy2, w_proj)  # (M, H)
             # One pass over (M, H): dh = da * act'(pre), db_fc = sum_rows(dh) in fp32, and a = act(pre) for dW_proj.
             dh, db_fc, a = bwd(da, pre, None, ctx.activation, has_bfc, True)
@@ -382,9 +361,9 @@ class SwiGLUFunction(torch.autograd.Function):
         c = x.shape[-1]
         x2 = x.reshape(-1, c)  # (M, C)
         if path == "triton":
-            p, g, u = torch.ops.gptkernels.matmul_swiglu_fwd_triton(x2, w_gate.t(), w_up.t())  # one read of x
+            p, g, u = _op("matmul_swiglu_fwd", "triton")(x2, w_gate.t(), w_up.t())  # one read of x
         else:
-            _, _, fwd, _ = _ops(backend)
+            fwd = _op("silu_mul_fwd", backend)
             g = torch.mm(x2, w_gate.t())  # (M, H)
             u = torch.mm(x2, w_up.t())  # (M, H)
             p = fwd(g, u)  # (M, H)
@@ -397,9 +376,9 @@ class SwiGLUFunction(torch.autograd.Function):
         x2, g, u, w_gate, w_up, w_down = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, C)
         if ctx.path == "triton":
-            dg, du, p = torch.ops.gptkernels.matmul_swiglu_bwd_triton(dy2, w_down, g, u, True)
+            dg, du, p = _op("matmul_swiglu_bwd", "triton")(dy2, w_down, g, u, True)
         else:
-            _, _, _, bwd = _ops(ctx.backend)
+            bwd = _op("silu_mul_bwd", ctx.backend)
             dp = torch.mm(dy2, w_down)  # (M, H)
             dg, du, p = bwd(dp, g, u, True)  # p recomputed in the same pass, for dW_down
         dw_down = torch.mm(dy2.t(), p)  # (C, H)
@@ -449,14 +428,23 @@ def bias_gelu(x, bias, approximate="tanh", backend=None):
     Returns:
         y (..., N) in x.dtype. Backward saves x and bias only (see the module docstring).
     """
+    if not _common.is_compiling() and isinstance(x, torch.Tensor) and type(approximate) is str:
+        # Eager fast path: the cached backend decision, then the C++ entry (checks, autograd, kernel) in one call.
+        rec = _dispatch.choice("bias_gelu", x.device, backend, x.dtype)
+        act = _APPROXIMATE.get(approximate)
+        if rec is not None and rec[0] in _common.EAGER_BACKENDS and act is not None:
+            out = _common.eager_call(_common.C.bias_gelu, x, bias, act)
+            if out is not None:
+                return out
     _check_x("bias_gelu", x)
     if approximate not in _APPROXIMATE:
         raise ValueError(f"bias_gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
     _check_param("bias_gelu", "bias", bias, (x.shape[-1],), x, same_dtype=False)
-    be = _dispatch.select("bias_gelu", x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    be = _dispatch.select("bias_gelu", x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b),
+                          key=x.dtype)
     if be == "torch":
         return bias_gelu_ref(x, bias, approximate)
-    return _autograd.apply(BiasGeluFunction, x, bias, _APPROXIMATE[approximate], be)
+    return _common.apply(BiasGeluFunction, x, bias, _APPROXIMATE[approximate], be)
 
 
 def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=None, backend=None):
@@ -474,6 +462,16 @@ def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=No
         y (..., C) in x.dtype. Backward saves x and fc(x) + b_fc (M*H elements), not the activation.
     """
     fn = "fused_mlp"
+    if (not _common.is_compiling() and isinstance(x, torch.Tensor) and isinstance(w_fc, torch.Tensor) and x.dim()
+            and w_fc.dim() and type(activation) is str):
+        # Eager fast path (no grad, ATen-GEMM path: inference and decode): cached decision, then the C++ entry.
+        rows, hid = x.numel() // max(x.shape[-1], 1), w_fc.shape[0]
+        rec = _dispatch.choice(fn, x.device, backend, (x.dtype, activation, rows <= 1, hid % 8 == 0))
+        if (rec is not None and rec[0] in _common.EAGER_BACKENDS
+                and (rec[0] == "cpu" or _gemm_path(fn, rec[0], activation, hid, rows)[0] == "aten")):
+            out = _common.eager_call(_common.C.fused_mlp, x, w_fc, b_fc, w_proj, b_proj, activation, residual)
+            if out is not None:
+                return out
     _check_x(fn, x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"{fn}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
@@ -490,11 +488,11 @@ def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=No
         if residual.shape != x.shape:
             raise ValueError(f"{fn}: residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
         _check_param(fn, "residual", residual, x.shape, x)
-    be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    rows = x.numel() // max(c, 1)
+    be, path = _select_with_path(fn, x, backend, (x.dtype, activation, rows <= 1, hid % 8 == 0), activation, hid, rows)
     if be == "torch":
         return fused_mlp_ref(x, w_fc, b_fc, w_proj, b_proj, activation, residual)
-    path = _gemm_path(fn, be, activation, hid, x.numel() // max(c, 1))
-    return _autograd.apply(FusedMLPFunction, x, w_fc, b_fc, w_proj, b_proj, residual, activation, be, path)
+    return _common.apply(FusedMLPFunction, x, w_fc, b_fc, w_proj, b_proj, residual, activation, be, path)
 
 
 def swiglu(x, w_gate, w_up, w_down, backend=None):
@@ -509,6 +507,13 @@ def swiglu(x, w_gate, w_up, w_down, backend=None):
         y (..., C) in x.dtype. Backward saves x, gate(x) and up(x), not their product.
     """
     fn = "swiglu"
+    if not _common.is_compiling() and isinstance(x, torch.Tensor):
+        # Eager fast path (no grad: inference and decode): the cached backend decision, then the C++ entry.
+        rec = _dispatch.choice(fn, x.device, backend, x.dtype)
+        if rec is not None and rec[0] in _common.EAGER_BACKENDS:
+            out = _common.eager_call(_common.C.swiglu, x, w_gate, w_up, w_down)
+            if out is not None:
+                return out
     _check_x(fn, x)
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         _check_weight2d(fn, name, w, x)
@@ -516,7 +521,7 @@ def swiglu(x, w_gate, w_up, w_down, backend=None):
     _check_param(fn, "w_gate", w_gate, (hid, c), x)
     _check_param(fn, "w_up", w_up, (hid, c), x)
     _check_param(fn, "w_down", w_down, (c, hid), x)
-    be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    be, path = _select_with_path(fn, x, backend, x.dtype)
     if be == "torch":
         return swiglu_ref(x, w_gate, w_up, w_down)
-    return _autograd.apply(SwiGLUFunction, x, w_gate, w_up, w_down, be, _gemm_path(fn, be))
+    return _common.apply(SwiGLUFunction, x, w_gate, w_up, w_down, be, path)

@@ -31,18 +31,12 @@ import math
 import torch
 
 from gptkernels import _dispatch
-from gptkernels.ops import _autograd
+from gptkernels.ops import _common
 
-_NEG_INF = float("-inf")
+_NEG_INF = _common.NEG_INF
 
 
 # ----------------------------------------------------------------------------------------------- reference
-def _additive_mask(mask, dtype):
-    """A bool keep-mask as 0 / -inf in ``dtype``, or a float mask cast to ``dtype`` (same shape)."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, _NEG_INF)
-    return mask.to(dtype)
-
 
 def softmax_ref(x, scale=1.0, causal=False, mask=None):
     """Eager PyTorch; 16-bit inputs are computed in fp32, fp32/fp64 in their own dtype. Returns y in x.dtype.
@@ -52,7 +46,7 @@ def softmax_ref(x, scale=1.0, causal=False, mask=None):
     z = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     z = z * scale
     if mask is not None:
-        z = z + _additive_mask(mask, z.dtype)
+        z = z + _common.additive_mask(mask, z.dtype)
     if causal:
         t, n = z.shape[-2:]
         keep = torch.ones(t, n, dtype=torch.bool, device=z.device).tril()
@@ -76,14 +70,14 @@ def _bwd_fake(y, dy, scale, mask_grad):
     return y.new_empty(y.shape), dz
 
 
-@torch.library.custom_op("gptkernels::softmax_fwd_triton", mutates_args=())
+@_common.triton_op("softmax_fwd_triton", _fwd_fake)
 def _softmax_fwd_triton(x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
     from gptkernels.triton import softmax as tl_sm
 
     return tl_sm.softmax_fwd(x, mask, scale, causal)
 
 
-@torch.library.custom_op("gptkernels::softmax_bwd_triton", mutates_args=())
+@_common.triton_op("softmax_bwd_triton", _bwd_fake)
 def _softmax_bwd_triton(
     y: torch.Tensor, dy: torch.Tensor, scale: float, mask_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,25 +86,15 @@ def _softmax_bwd_triton(
     return tl_sm.softmax_bwd(y, dy, scale, mask_grad)
 
 
-torch.library.register_fake("gptkernels::softmax_fwd_triton")(_fwd_fake)
-torch.library.register_fake("gptkernels::softmax_bwd_triton")(_bwd_fake)
-if _dispatch.extension() is not None:  # the C++ ops exist only when the extension loaded
-    torch.library.register_fake("gptkernels::softmax_fwd")(_fwd_fake)
-    torch.library.register_fake("gptkernels::softmax_bwd")(_bwd_fake)
-
-
-def _ops(backend):
-    if backend == "triton":
-        return torch.ops.gptkernels.softmax_fwd_triton, torch.ops.gptkernels.softmax_bwd_triton
-    return torch.ops.gptkernels.softmax_fwd, torch.ops.gptkernels.softmax_bwd  # cpu and cuda: by device
+_common.register_cpp_fakes({"softmax_fwd": _fwd_fake, "softmax_bwd": _bwd_fake})
 
 
 # ----------------------------------------------------------------------------------------------- autograd
 class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask, scale, causal, backend):
-        fwd, _ = _ops(backend)
-        y = fwd(x, _additive_mask(mask, torch.float32) if mask is not None else None, scale, causal)
+        m32 = _common.additive_mask(mask, torch.float32) if mask is not None else None
+        y = _common.kernel_op("softmax_fwd", backend)(x, m32, scale, causal)
         ctx.save_for_backward(y)
         ctx.scale, ctx.backend = scale, backend
         ctx.mask_shape = mask.shape if mask is not None else None
@@ -120,9 +104,8 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        _, bwd = _ops(ctx.backend)
         mask_grad = ctx.needs_input_grad[1]
-        dx, dz = bwd(y, dy, ctx.scale, mask_grad)
+        dx, dz = _common.kernel_op("softmax_bwd", ctx.backend)(y, dy, ctx.scale, mask_grad)
         dmask = dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype) if mask_grad else None
         return dx if ctx.needs_input_grad[0] else None, dmask, None, None, None
 
@@ -172,8 +155,15 @@ def softmax(x, scale=1.0, causal=False, mask=None, backend=None):
     Returns:
         y (..., N) in x.dtype, contiguous. Backward saves y only.
     """
+    if not _common.is_compiling() and isinstance(x, torch.Tensor) and type(scale) is float:
+        # Eager fast path: the cached backend decision, then the C++ entry (checks, autograd, kernel) in one call.
+        rec = _dispatch.choice("softmax", x.device, backend, x.dtype)
+        if rec is not None and rec[0] in _common.EAGER_BACKENDS:
+            out = _common.eager_call(_common.C.softmax, x, mask, scale, causal)
+            if out is not None:
+                return out
     _check(x, scale, causal, mask)
-    be = _dispatch.select("softmax", x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
+    be = _dispatch.select("softmax", x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b), key=x.dtype)
     if be == "torch":
         return softmax_ref(x, scale, causal, mask)
-    return _autograd.apply(SoftmaxFunction, x, mask, float(scale), bool(causal), be)
+    return _common.apply(SoftmaxFunction, x, mask, float(scale), bool(causal), be)

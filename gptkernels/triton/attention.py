@@ -41,16 +41,14 @@ with masked loads (the padding lanes read 0 and are never stored). Inputs may ha
 when it does not. Batch/head offsets are int64, so tensors over 2^31 elements are safe.
 """
 
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from gptkernels.triton._device import device_guard
+from gptkernels.triton._common import device_guard, interpreting, sm_count, unit_last_stride
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = interpreting()  # at import: the autotune decorators below depend on it
 
 # Under the interpreter (CPU tensors, for testing) every program runs one after another in numpy: one small tile
 # config, no autotuning (each config would rerun every test case). 16 is tl.dot's smallest tile, and T = 17 or 33
@@ -561,13 +559,6 @@ def _decode_merge_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-def _unit_last(t):
-    # The kernels take any (B, H, T) strides but address the head dim as base + d. A tensor whose last dim is not
-    # unit-stride (e.g. the fully expanded gradient of out.sum()) is copied here, on purpose.
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return t.contiguous()
-    return t
-
 
 def _check_qkv(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -639,7 +630,7 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window: int, dropou
         return out, lse
     if Tk == 0:  # no keys: every row is fully masked
         return out.zero_(), lse.fill_(float("-inf"))
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     m, ms, scalars, consts = _common(q, k, mask, scale, causal, window, dropout_p, seed)
 
     def grid(meta):
@@ -674,7 +665,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, scale: float, causal: bool, win
         return dq, dk, dv
     if Tq == 0 or Tk == 0:  # no (query, key) pair: the gradients are zero, not placeholders
         return dq.zero_(), dk.zero_(), dv.zero_()
-    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (unit_last_stride(t) for t in (dout, q, k, v, out))
     lse = lse.float().contiguous()
     m, ms, scalars, consts = _common(q, k, mask, scale, causal, window, dropout_p, seed)
     block_d = consts["BLOCK_D"]
@@ -708,10 +699,6 @@ def attention_bwd(dout, q, k, v, out, lse, mask, scale: float, causal: bool, win
     return dq, dk, dv
 
 
-@functools.cache
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
 
 # A split should hold at least this many keys: below it the partial writes and the merge cost more than the
 # parallelism gains. A guess, not an H200 measurement.
@@ -724,7 +711,7 @@ def _num_splits(programs, tmax, device):
         return 3  # interpreter: enough splits to exercise the merge and empty splits
     index = device.index if device.index is not None else torch.cuda.current_device()
     # Aim for two programs per SM.
-    want = triton.cdiv(2 * _sm_count(index), programs)
+    want = triton.cdiv(2 * sm_count(index), programs)
     return max(1, min(want, triton.cdiv(tmax, _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
 
 
@@ -744,7 +731,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale: float, num_split
         return out
     if Tmax == 0:
         return out.zero_()
-    q, k, v = _unit_last(q), _unit_last(k_cache), _unit_last(v_cache)
+    q, k, v = unit_last_stride(q), unit_last_stride(k_cache), unit_last_stride(v_cache)
     seqlens = cache_seqlens.contiguous()
     group = H // Hkv
     rows = group * Tn

@@ -18,13 +18,12 @@ pointers advanced row by row) so M * N >= 2^31 elements is safe. Rows may have a
 an expanded dy); the column stride must be 1, and the launchers copy a tensor on purpose when it is not.
 """
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from gptkernels.triton._device import on_tensor_device
+from gptkernels.triton._common import on_tensor_device, sm_count, unit_last_stride
 
 # Register budget for the whole-row path, in row elements. After the upcast every live row-sized tensor costs one
 # fp32 register per element per thread whatever the input dtype, so the limit counts elements, not bytes, and is
@@ -61,26 +60,15 @@ def _config(n):
     return _CHUNK, _CHUNK_WARPS, False
 
 
-@functools.cache
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
 
 def _bwd_num_programs(m, num_warps, device):
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        cap = _sm_count(index) * max(_BWD_WARPS_PER_SM // num_warps, 1)
+        cap = sm_count(index) * max(_BWD_WARPS_PER_SM // num_warps, 1)
     else:
         cap = _CPU_BWD_PROGRAMS
     return min(m, cap)
 
-
-def _unit_col_stride(t):
-    # The kernels take any row stride but address columns as base + col. A transposed or column-strided tensor is
-    # copied here, on purpose; an expanded one (row stride 0, e.g. dy from y.sum().backward()) is not.
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return t.contiguous()
-    return t
 
 
 def _check_shape(name, t, shape):
@@ -364,10 +352,10 @@ def layernorm_fwd(x, weight, bias, residual, eps: float, rms: bool):
     if M == 0:
         return y, h, mean, rstd
 
-    x = _unit_col_stride(x)
+    x = unit_last_stride(x)
     weight = weight.contiguous()
     # Unused pointer arguments get a real tensor of the right dtype; constexpr flags keep them untouched.
-    r = _unit_col_stride(residual) if residual is not None else x
+    r = unit_last_stride(residual) if residual is not None else x
     h_arg = h if residual is not None else x
     b = bias.contiguous() if bias is not None else weight
     mean_arg = mean if not rms else rstd
@@ -414,9 +402,9 @@ def layernorm_bwd(dy, dh, hin, weight, mean, rstd, has_bias: bool, rms: bool):
         db = torch.zeros(N, dtype=f32, device=dev) if has_bias else torch.empty(0, dtype=f32, device=dev)
         return dx, dw, db
 
-    dy = _unit_col_stride(dy)
-    hin = _unit_col_stride(hin)
-    dh_arg = _unit_col_stride(dh) if dh is not None else dy
+    dy = unit_last_stride(dy)
+    hin = unit_last_stride(hin)
+    dh_arg = unit_last_stride(dh) if dh is not None else dy
     weight = weight.contiguous()
     mean_arg = mean if not rms else rstd
     block_n, num_warps, one_chunk = _config(N)

@@ -24,13 +24,12 @@ a training loop with varying token counts does not retune every step); under TRI
 runs. Offsets are 64-bit.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from gptkernels.triton._device import on_tensor_device
+from gptkernels.triton._common import interpreting, on_tensor_device
 from gptkernels.triton.mlp import ACTIVATIONS, _act_and_grad, _sigmoid
 
 EPI_ACT, EPI_DACT, EPI_SWIGLU, EPI_DSWIGLU = 0, 1, 2, 3
@@ -39,12 +38,8 @@ _ACT_CODES = {"none": ACT_NONE, **ACTIVATIONS}
 _MIN_BLOCK_M = 16  # the smallest BLOCK_M of any config: sizes the dbias partial buffer
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _configs():
-    if _interpreting():
+    if interpreting():
         # The interpreter runs each program as numpy ops: few, large-ish tiles are fastest there.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
                               num_stages=1)]

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptkernels.triton._device import on_tensor_device
+from gptkernels.triton._common import on_tensor_device, unit_last_stride
 
 ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}
 # 2-D tiles for the bias kernels: 4 rows x up to 1024 columns, 4 warps (8 fp32 elements per thread: two 16-byte
@@ -157,12 +157,6 @@ def _silu_mul_bwd_kernel(
         tl.store(P + offs, (silu * u).to(P.dtype.element_ty), mask=mask)
 
 
-def _unit_col_stride(t):
-    # Kernels address columns as base + col; a transposed tensor is copied on purpose, an expanded one is not.
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return t.contiguous()
-    return t
-
 
 def _act_code(activation):
     if activation not in ACTIVATIONS:
@@ -184,7 +178,7 @@ def bias_gelu_fwd(x, bias, activation: str):
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    x = _unit_col_stride(x)
+    x = unit_last_stride(x)
     b = bias.contiguous() if bias is not None else x
     block_n = _block_n(N)
     grid = (triton.cdiv(M, _BLOCK_M), triton.cdiv(N, block_n))
@@ -210,8 +204,8 @@ def bias_gelu_bwd(dy, x, bias, activation: str, want_dbias: bool, want_y: bool):
     if M == 0 or N == 0:
         db = torch.zeros(N if want_dbias else 0, dtype=torch.float32, device=dev)
         return dx, db, y
-    dy = _unit_col_stride(dy)
-    x = _unit_col_stride(x)
+    dy = unit_last_stride(dy)
+    x = unit_last_stride(x)
     grid_m = triton.cdiv(M, _BLOCK_M)
     partial = torch.empty((grid_m, N) if want_dbias else 0, dtype=torch.float32, device=dev)
     b = bias.contiguous() if bias is not None else x

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptkernels.triton._device import on_tensor_device
+from gptkernels.triton._common import on_tensor_device
 
 # Register budgets, in row elements (fp32 after the upcast, whatever the input dtype). The forward keeps ~2 row
 # tensors live (z, then e), 16 warps give 32 elements per thread at 16384. The backward keeps ~3 (y, dy, g),
