@@ -11,9 +11,13 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <unordered_map>
 
 #include "../kernels/cpu/mlp.h"
 #include "common.h"
@@ -330,16 +334,7 @@ struct LtHandle {
   LtHandle& operator=(const LtHandle&) = delete;
 };
 
-size_t lt_workspace_bytes(int device) {
-  // cuBLAS's guidance: 32 MiB lets sm_90 use its best kernels, 4 MiB suffices before. From the caching allocator,
-  // so repeated calls reuse one block.
-  int major = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-  return major >= 9 ? (size_t(32) << 20) : (size_t(4) << 20);
-}
-
-// D (col-major m x n, ld ldd) = op(A) @ op(B) (+ C with beta = 1) through one epilogue. Returns false (and says why)
-// when the heuristic finds no algorithm; throws on any other cuBLAS error.
+// One cuBLASLt GEMM with its epilogue (run_lt): D (col-major m x n, ld ldd) = op(A) @ op(B) (+ C with beta = 1).
 struct LtGemm {
   bool trans_a = false, trans_b = false;
   int64_t m = 0, n = 0, k = 0;
@@ -357,11 +352,58 @@ struct LtGemm {
   int64_t ld_aux = 0;
 };
 
+// The largest power of two (<= 256) that divides the address: what cuBLASLt may assume about an operand. Its
+// heuristic otherwise assumes 256 bytes and may pick a kernel that faults on a 16-byte-aligned operand (a
+// misaligned-address fault poisons the CUDA context for the rest of the process).
+uint32_t ptr_alignment(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a == 0) return 256;
+  const uintptr_t low = a & (~a + 1);  // lowest set bit
+  return low >= 256 ? 256u : static_cast<uint32_t>(low);
+}
+
+// Everything the heuristic's answer depends on: the descriptors (shapes, layouts, transposes, epilogue, dtype,
+// whether C is read), the operands' alignments, the workspace it may use and the device.
+struct LtKey {
+  int64_t m, n, k, lda, ldb, ldc, ldd, ld_aux;
+  uint64_t ws_bytes;
+  int32_t device, dtype, epilogue;
+  uint32_t align_a, align_b, align_c, align_d;
+  uint8_t trans_a, trans_b, has_c, has_bias;
+  bool operator==(const LtKey& o) const { return std::memcmp(this, &o, sizeof(LtKey)) == 0; }
+};
+// No padding bytes, so memcmp and the byte hash see only the fields.
+static_assert(std::has_unique_object_representations_v<LtKey>, "LtKey must have no padding");
+struct LtKeyHash {
+  size_t operator()(const LtKey& k) const {
+    const auto* p = reinterpret_cast<const unsigned char*>(&k);
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the key's bytes
+    for (size_t i = 0; i < sizeof(LtKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+struct LtPlan {
+  bool found;
+  cublasLtMatmulAlgo_t algo;
+  int status;
+};
+
+// D (col-major m x n, ld ldd) = op(A) @ op(B) (+ C with beta = 1) through one epilogue. Returns false (and says why)
+// when the heuristic finds no algorithm or the dtype is fp32; throws on any other cuBLAS error. The heuristic's
+// answer is cached per LtKey (the query is host work on every call otherwise); the workspace is PyTorch's own cuBLASLt
+// workspace for this handle and stream, allocated once by the caching allocator.
 bool run_lt(const LtGemm& g, at::ScalarType st, const at::Tensor& like, std::string* why) {
+  if (st == at::kFloat) {
+    // cuBLASLt's fp32 GELU epilogue accuracy is not documented and our fp32 bound is 1e-5: fp32 never runs here.
+    if (why) *why = "float32 does not run on cuBLASLt epilogues (their fp32 accuracy is undocumented)";
+    return false;
+  }
   const cudaDataType dt = lt_dtype(st);
   const int dev = like.get_device();
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+  void* ws = at::cuda::getCUDABlasLtWorkspace();
+  const size_t ws_bytes = at::cuda::getCUDABlasLtWorkspaceSize();
 
   LtHandle<cublasLtMatmulDesc_t, decltype(&cublasLtMatmulDescDestroy)> op(&cublasLtMatmulDescDestroy);
   check_lt(cublasLtMatmulDescCreate(&op.h, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
@@ -390,30 +432,60 @@ bool run_lt(const LtGemm& g, at::ScalarType st, const at::Tensor& like, std::str
   check_lt(cublasLtMatrixLayoutCreate(&lc.h, dt, g.m, g.n, g.C ? g.ldc : g.ldd), "layout C");
   check_lt(cublasLtMatrixLayoutCreate(&ld.h, dt, g.m, g.n, g.ldd), "layout D");
 
-  const size_t ws_bytes = lt_workspace_bytes(dev);
-  LtHandle<cublasLtMatmulPreference_t, decltype(&cublasLtMatmulPreferenceDestroy)> pref(
-      &cublasLtMatmulPreferenceDestroy);
-  check_lt(cublasLtMatmulPreferenceCreate(&pref.h), "cublasLtMatmulPreferenceCreate");
-  const uint64_t ws64 = ws_bytes;
-  check_lt(cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws64,
-                                                sizeof(ws64)),
-           "PREF_MAX_WORKSPACE_BYTES");
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  const cublasStatus_t hs =
-      cublasLtMatmulAlgoGetHeuristic(handle, op.h, la.h, lb.h, lc.h, ld.h, pref.h, 1, &result, &found);
-  if (hs != CUBLAS_STATUS_SUCCESS || found == 0) {
+  LtKey key{};
+  key.m = g.m, key.n = g.n, key.k = g.k, key.lda = g.lda, key.ldb = g.ldb, key.ldc = g.C ? g.ldc : g.ldd;
+  key.ldd = g.ldd, key.ld_aux = g.aux ? g.ld_aux : 0, key.ws_bytes = ws_bytes;
+  key.device = dev, key.dtype = static_cast<int32_t>(dt), key.epilogue = static_cast<int32_t>(g.epilogue);
+  key.align_a = ptr_alignment(g.A), key.align_b = ptr_alignment(g.B);
+  key.align_c = ptr_alignment(g.C ? g.C : g.D), key.align_d = ptr_alignment(g.D);
+  key.trans_a = g.trans_a, key.trans_b = g.trans_b, key.has_c = g.C != nullptr, key.has_bias = g.bias != nullptr;
+
+  static std::mutex cache_mu;
+  static std::unordered_map<LtKey, LtPlan, LtKeyHash> cache;
+  LtPlan plan{};
+  bool cached = false;
+  {
+    std::lock_guard<std::mutex> lock(cache_mu);
+    const auto it = cache.find(key);
+    if (it != cache.end()) plan = it->second, cached = true;
+  }
+  if (!cached) {
+    LtHandle<cublasLtMatmulPreference_t, decltype(&cublasLtMatmulPreferenceDestroy)> pref(
+        &cublasLtMatmulPreferenceDestroy);
+    check_lt(cublasLtMatmulPreferenceCreate(&pref.h), "cublasLtMatmulPreferenceCreate");
+    const uint64_t ws64 = ws_bytes;
+    check_lt(cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws64,
+                                                  sizeof(ws64)),
+             "PREF_MAX_WORKSPACE_BYTES");
+    const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_a},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_b},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_c},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_d}};
+    for (const auto& [attr, bytes] : aligns) {
+      check_lt(cublasLtMatmulPreferenceSetAttribute(pref.h, attr, &bytes, sizeof(bytes)), "PREF_MIN_ALIGNMENT");
+    }
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t hs =
+        cublasLtMatmulAlgoGetHeuristic(handle, op.h, la.h, lb.h, lc.h, ld.h, pref.h, 1, &result, &found);
+    plan.found = hs == CUBLAS_STATUS_SUCCESS && found > 0;
+    plan.algo = result.algo;
+    plan.status = static_cast<int>(hs);
+    std::lock_guard<std::mutex> lock(cache_mu);
+    cache.emplace(key, plan);
+  }
+  if (!plan.found) {
     if (why) {
-      *why = "cublasLtMatmulAlgoGetHeuristic found no algorithm (status " + std::to_string(static_cast<int>(hs)) +
+      *why = "cublasLtMatmulAlgoGetHeuristic found no algorithm (status " + std::to_string(plan.status) +
              ", m=" + std::to_string(g.m) + " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k) +
              ", epilogue " + std::to_string(static_cast<int>(g.epilogue)) + ")";
     }
     return false;
   }
-  at::Tensor ws = at::empty({int64_t(ws_bytes)}, like.options().dtype(at::kByte));
   const float alpha = 1.f, beta = g.C ? 1.f : 0.f;
   check_lt(cublasLtMatmul(handle, op.h, &alpha, g.A, la.h, g.B, lb.h, &beta, g.C ? g.C : g.D, lc.h, g.D, ld.h,
-                          &result.algo, ws.data_ptr(), ws_bytes, stream),
+                          &plan.algo, ws, ws_bytes, stream),
            "cublasLtMatmul");
   return true;
 }

@@ -45,7 +45,7 @@ def _configs():
                               num_stages=1)]
     # sm_80 / sm_90 candidates (the Triton tutorial's families plus small-M tiles for decode-sized M). Not yet
     # timed on a GPU: the autotuner picks among them; configs that exceed shared memory (fp32, dual-B SwiGLU)
-    # fail to compile and are skipped by the autotuner.
+    # fail to compile and are skipped by the autotuner. fp32 operands try only the small tiles (_prune).
     cfg = [
         (128, 256, 64, 3, 8),
         (128, 128, 64, 4, 8),
@@ -61,7 +61,27 @@ def _configs():
             for bm, bn, bk, s, w in cfg]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPI"], reset_to_zero=["DBias"])
+# fp32 ("ieee") dots run as FMAs on the CUDA cores: a 128x256x64 tile of them is never the fastest config, and
+# compiling one such variant can take minutes, which the autotuner would pay for every (M_BUCKET, N, K, EPI).
+_FP32_MAX_TILE = 64 * 64
+_FP32_MAX_BLOCK_K = 64
+
+
+def _prune(configs, named_args, **kwargs):
+    """early_config_prune: fp32 operands keep only the small tiles (<= 64x64, BLOCK_K <= 64); 16-bit keep all."""
+    ieee = kwargs.get("IEEE", named_args.get("IEEE"))
+    if ieee is None:
+        a = named_args.get("A", kwargs.get("A"))
+        ieee = getattr(a, "dtype", None) == torch.float32
+    if not ieee:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _FP32_MAX_TILE
+             and c.kwargs["BLOCK_K"] <= _FP32_MAX_BLOCK_K]
+    return small or configs[-1:]
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPI"], reset_to_zero=["DBias"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _matmul_kernel(
     A,  # (M, K)

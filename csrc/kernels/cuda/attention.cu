@@ -30,23 +30,20 @@
 #include <cstdint>
 
 #include "../attention_rng.h"
-#include "convert.cuh"
+#include "common.cuh"
 
 namespace gptkernels {
 namespace {
 
 using namespace nvcuda;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kWarp = 32;
-constexpr int64_t kMaxGrid = 2147483647;
+// kLog2e, kLn2, kWarp, kMaxGrid: common.cuh.
 // The opt-in shared memory limit of sm_80 (163 KB); every configuration below fits it.
 constexpr size_t kSmemLimitSm80 = 166912;
 
 // ---- element types -----------------------------------------------------------------------------------------------
 
-// to_f / from_f: csrc/kernels/cuda/convert.cuh.
+// to_f / from_f: convert.cuh (through common.cuh).
 
 // 16 bytes of T.
 template <typename T>
@@ -404,7 +401,7 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kFwdM / 16 * kWarp, 1) attention
       srow[c] = x;
       mx = fmaxf(mx, x);
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
     const float m_new = fmaxf(m, mx);
     const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: exp2(-inf - 0) = 0
     const float alpha = exp2f(m - m_use);
@@ -418,7 +415,7 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kFwdM / 16 * kWarp, 1) attention
       if (p.dropout) e = attn_dropout_keep(rowkey, j0 + c, p.drop_threshold) ? e * p.inv_keep : 0.f;
       prow[c] = from_f<T>(e);  // fp32: overwrites this lane's own score in place
     }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(kFullMask, sum, 1);
     l = l * alpha + sum;
     m = m_new;
     float* orow = Os + r * LDA;

@@ -19,13 +19,13 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace gptkernels {
 namespace {
 
-constexpr int kWarp = 32;
+// kWarp, kMaxGrid, warp_sum, block_sum, round_up, min64, aligned16: common.cuh.
 constexpr int kMaxThreads = 1024;
-// Largest grid.x we launch; rows past it are covered by the grid-stride loops.
-constexpr int64_t kMaxGrid = 2147483647;
 // Backward row-loop fallback: 2 blocks of 512 threads per SM keep two rows in flight per SM.
 constexpr int kBwdLargeThreads = 512;
 // Final dw/db reduction: 32 columns (one 128-byte line per partial row) x 32 row groups per block.
@@ -150,35 +150,6 @@ __device__ __forceinline__ FVec<VEC> load_fvec(const float* p) {
 template <int VEC>
 __device__ __forceinline__ void store_fvec(float* p, const FVec<VEC>& v) {
   *reinterpret_cast<FVec<VEC>*>(p) = v;
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Reductions. blockDim.x is a multiple of 32 (<= 1024). The xor butterfly leaves the identical sum in every
-// lane (fp32 addition is commutative, and partners add the same two values), and every warp then reduces
-// the same per-warp partials in the same order, so all threads see a bitwise identical total.
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sums each v[r] over the block, in place. smem: R * 32 floats.
-template <int R>
-__device__ __forceinline__ void block_sum(float (&v)[R], float* smem) {
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int nwarps = blockDim.x / kWarp;
-#pragma unroll
-  for (int r = 0; r < R; ++r) v[r] = warp_sum(v[r]);
-  __syncthreads();  // the previous call's readers of smem are done
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) smem[r * kWarp + warp] = v[r];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < R; ++r) v[r] = warp_sum(lane < nwarps ? smem[r * kWarp + lane] : 0.f);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -609,12 +580,6 @@ __global__ void __launch_bounds__(kWarp* kReduceRows)
 
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Threads for K vectors per thread: a multiple of 32, at least one warp.
 int64_t threads_for(int64_t nvec, int k) {

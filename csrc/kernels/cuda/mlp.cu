@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "convert.cuh"
+#include "common.cuh"
 #include "mlp.cuh"
 
 namespace gptkernels {
@@ -202,9 +202,7 @@ __global__ void silu_mul_bwd_kernel(const T* dp, const T* g, const T* u, T* dg, 
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// aligned16, min64, cdiv: common.cuh.
 
 // Column threads: the row's vectors rounded up to a warp, at most kMaxColThreads.
 int col_threads(int64_t nvec) { return static_cast<int>(min64(cdiv(nvec, 32) * 32, kMaxColThreads)); }

@@ -23,13 +23,11 @@
 #include <climits>
 #include <cstdint>
 
-#include "convert.cuh"
+#include "common.cuh"
 #include "softmax.cuh"
 
 namespace gptkernels {
 namespace {
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 template <typename T>
 __host__ __device__ constexpr int vec_of() {
@@ -134,32 +132,26 @@ __device__ __forceinline__ void to_logits(float (&v)[V], int base, int tid, int 
 // `red` holds TPR/32 floats; the leading barrier keeps a previous reduction's readers ahead of the writes.
 template <int TPR>
 __device__ __forceinline__ float row_max(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  v = warp_max(v);
   if constexpr (TPR > 32) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __syncthreads();
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    v = lane < TPR / 32 ? red[lane] : neg_inf();
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    v = warp_max(lane < TPR / 32 ? red[lane] : neg_inf());
   }
   return v;
 }
 
 template <int TPR>
 __device__ __forceinline__ float row_sum(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   if constexpr (TPR > 32) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __syncthreads();
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    v = lane < TPR / 32 ? red[lane] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    v = warp_sum(lane < TPR / 32 ? red[lane] : 0.f);
   }
   return v;
 }
