@@ -12,7 +12,9 @@ exits 1. Providers: ``hf-sdpa`` (the unpatched model, transformers' default atte
     generate:   model.generate(greedy, KV cache) of --new-tokens after a --prompt-tokens prompt, batch --gen-batch;
                 tokens/s = gen_batch * new_tokens / time (prefill included in the time)
 
-Timing: torch.utils.benchmark Timer.blocked_autorange (warm-up call first), p20/p50/p80 over its samples.
+Timing: one warm-up call each, then the two providers take turns call by call (so load on the machine hits both
+alike) until each has had --min-run-time seconds and 5 calls; p20/p50/p80 of the per-call times. Greedy generation
+must give identical tokens patched and unpatched (recorded; the run exits 1 otherwise).
 Writes benchmarks/results/<device>/<date>-patch.json (environment fingerprint from gptkernels.bench.env).
 """
 
@@ -24,9 +26,9 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import torch
-import torch.utils.benchmark as tb
 
 import gptkernels
 from gptkernels.bench.env import fingerprint
@@ -39,14 +41,21 @@ def quantiles(times):
     return [float(torch.quantile(t, q)) for q in (0.2, 0.5, 0.8)]
 
 
-def time_it(fn, min_run_time):
-    fn()  # warm-up: first-call allocations, lazy init
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
-    times = list(m.times)
-    while len(times) < 3:  # a slow step gives blocked_autorange few samples: top up for the quantiles
-        times += tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(1).times
-    return quantiles(times)
+def time_interleaved(fns: dict, min_run_time):
+    """p20/p50/p80 ms per call of each provider, the providers taking turns call by call (a change of machine load
+    hits them alike). Runs until each has had ``min_run_time`` seconds and at least 5 calls."""
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocations, lazy init
+    times = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    while min(spent.values()) < min_run_time or min(len(t) for t in times.values()) < 5:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            times[name].append(dt * 1e3)
+            spent[name] += dt
+    return {name: quantiles(t) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -86,8 +95,9 @@ def main(argv=None):
     prompt = torch.randint(0, args.vocab, (args.gen_batch, args.prompt_tokens), device=device)
     gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
                   pad_token_id=0)
-    rows = []
-    for provider, model in (("hf-sdpa", base), ("gptkernels-patch", patched)):
+    providers = {"hf-sdpa": base, "gptkernels-patch": patched}
+    train_fns, gen_fns, tokens = {}, {}, {}
+    for provider, model in providers.items():
         model = copy.deepcopy(model).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -97,25 +107,35 @@ def main(argv=None):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        ms = [t * 1e3 for t in time_it(train_step, args.min_run_time)]
-        rows.append({"op": "gpt2_model", "provider": provider, "mode": "train_step",
-                     "shape": {"batch": args.batch, "seq": args.seq}, "tokens": args.batch * args.seq,
-                     "ms_p20": ms[0], "ms_p50": ms[1], "ms_p80": ms[2],
-                     "tokens_per_s": args.batch * args.seq / (ms[1] / 1e3)})
-        model.eval()
+        train_fns[provider] = train_step
+        gen_model = copy.deepcopy(providers[provider]).eval()
 
-        def generate(model=model):
+        def generate(model=gen_model):
             with torch.no_grad():
                 out = model.generate(prompt, **gen_kw)
             assert out.shape[1] == args.prompt_tokens + args.new_tokens
+            return out
 
-        ms = [t * 1e3 for t in time_it(generate, args.min_run_time)]
-        rows.append({"op": "gpt2_model", "provider": provider, "mode": "generate",
-                     "shape": {"batch": args.gen_batch, "prompt": args.prompt_tokens, "new": args.new_tokens},
-                     "tokens": args.gen_batch * args.new_tokens, "ms_p20": ms[0], "ms_p50": ms[1], "ms_p80": ms[2],
-                     "tokens_per_s": args.gen_batch * args.new_tokens / (ms[1] / 1e3)})
-        print(f"{provider:<17} train_step {rows[-2]['tokens_per_s']:9.0f} tok/s   generate "
-              f"{rows[-1]['tokens_per_s']:7.1f} tok/s")
+        gen_fns[provider] = generate
+        tokens[provider] = generate()
+    same_tokens = torch.equal(tokens["hf-sdpa"], tokens["gptkernels-patch"])
+    print(f"greedy tokens identical: {same_tokens}")
+    rows = []
+    for mode, fns in (("train_step", train_fns), ("generate", gen_fns)):
+        for provider, ms in time_interleaved(fns, args.min_run_time).items():
+            if mode == "train_step":
+                rows.append({"op": "gpt2_model", "provider": provider, "mode": mode,
+                             "shape": {"batch": args.batch, "seq": args.seq}, "tokens": args.batch * args.seq,
+                             "ms_p20": ms[0], "ms_p50": ms[1], "ms_p80": ms[2],
+                             "tokens_per_s": args.batch * args.seq / (ms[1] / 1e3)})
+            else:
+                rows.append({"op": "gpt2_model", "provider": provider, "mode": mode,
+                             "shape": {"batch": args.gen_batch, "prompt": args.prompt_tokens, "new": args.new_tokens},
+                             "tokens": args.gen_batch * args.new_tokens, "ms_p20": ms[0], "ms_p50": ms[1],
+                             "ms_p80": ms[2], "tokens_per_s": args.gen_batch * args.new_tokens / (ms[1] / 1e3),
+                             "tokens_identical": same_tokens})
+    for r in rows:
+        print(f"{r['provider']:<17} {r['mode']:<10} {r['tokens_per_s']:9.1f} tok/s  p50 {r['ms_p50']:.2f} ms")
     base_rows = {r["mode"]: r for r in rows if r["provider"] == "hf-sdpa"}
     for r in rows:
         r["speedup_vs_unpatched"] = base_rows[r["mode"]]["ms_p50"] / r["ms_p50"]
@@ -129,10 +149,11 @@ def main(argv=None):
         "config": {"model": "GPT2LMHeadModel (random)", "n_embd": args.n_embd, "n_layer": args.n_layer,
                    "n_head": args.n_head, "vocab": args.vocab, "dtype": str(dtype).replace("torch.", ""),
                    "min_run_time_s": args.min_run_time,
-                   "timer": "torch.utils.benchmark blocked_autorange, p20/p50/p80 of its samples"},
+                   "timer": "interleaved per-call perf_counter, p20/p50/p80"},
         "patch_report": report.to_dicts(),
         "explain": gptkernels.explain().splitlines(),
         "verify_ok": check.ok,
+        "greedy_tokens_identical": same_tokens,
         "rows": rows,
     }
     out = args.out or os.path.join(HERE, "results", device.type,
@@ -141,7 +162,7 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")
-    return 0 if check.ok else 1
+    return 0 if check.ok and same_tokens else 1
 
 
 if __name__ == "__main__":

@@ -64,12 +64,18 @@ py::tuple cuda_probe(int device) {
 #endif
 }
 
-// None (take the Python path), one tensor, or a tuple. The kernels run without the GIL, as ATen's own ops do.
+// None (take the Python path), one tensor, or a tuple. Calls that move at least kReleaseGilElements elements run
+// without the GIL, as ATen's own ops do; below that, releasing and retaking it costs more than other Python threads
+// would gain.
+constexpr int64_t kReleaseGilElements = int64_t(1) << 15;
+
 template <typename F>
-py::object eager_call(F&& f) {
+py::object eager_call(int64_t elements, F&& f) {
   gptkernels::EagerOut out;
-  {
+  if (elements >= kReleaseGilElements) {
     py::gil_scoped_release no_gil;
+    out = f();
+  } else {
     out = f();
   }
   if (!out) return py::none();
@@ -91,33 +97,35 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "layernorm",
       [](const at::Tensor& x, const OptT& w, const OptT& b, const OptT& r, double eps, bool rms) {
-        return eager_call([&] { return gptkernels::layernorm_eager(x, w, b, r, eps, rms); });
+        return eager_call(x.numel(), [&] { return gptkernels::layernorm_eager(x, w, b, r, eps, rms); });
       },
       "Eager LayerNorm/RMSNorm: y, (y, h) with a residual, or None for the checked Python path.");
   m.def(
       "softmax",
       [](const at::Tensor& x, const OptT& mask, double scale, bool causal) {
-        return eager_call([&] { return gptkernels::softmax_eager(x, mask, scale, causal); });
+        return eager_call(x.numel(), [&] { return gptkernels::softmax_eager(x, mask, scale, causal); });
       },
       "Eager softmax: y, or None for the checked Python path.");
   m.def(
       "attention",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& mask, std::optional<double> scale,
          bool causal, bool enable_gqa, std::optional<int64_t> window) {
-        return eager_call([&] { return gptkernels::attention_eager(q, k, v, mask, scale, causal, enable_gqa, window); });
+        return eager_call(q.numel() + k.numel(), [&] {
+          return gptkernels::attention_eager(q, k, v, mask, scale, causal, enable_gqa, window);
+        });
       },
       "Eager scaled_dot_product_attention (dropout 0): out, or None for the checked Python path.");
   m.def(
       "decode_attention",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
          std::optional<double> scale) {
-        return eager_call([&] { return gptkernels::decode_attention_eager(q, k, v, lens, scale); });
+        return eager_call(k.numel(), [&] { return gptkernels::decode_attention_eager(q, k, v, lens, scale); });
       },
       "Eager decode_attention: out, or None for the checked Python path.");
   m.def(
       "bias_gelu",
       [](const at::Tensor& x, const OptT& bias, const std::string& activation) {
-        return eager_call([&] { return gptkernels::bias_gelu_eager(x, bias, activation); });
+        return eager_call(x.numel(), [&] { return gptkernels::bias_gelu_eager(x, bias, activation); });
       },
       "Eager bias + activation: y, or None for the checked Python path.");
   m.def(
@@ -125,13 +133,13 @@ PYBIND11_MODULE(_C, m) {
       [](const at::Tensor& x, const at::Tensor& w_fc, const OptT& b_fc, const at::Tensor& w_proj, const OptT& b_proj,
          const std::string& activation, const OptT& residual) {
         return eager_call(
-            [&] { return gptkernels::fused_mlp_eager(x, w_fc, b_fc, w_proj, b_proj, activation, residual); });
+            w_fc.numel(), [&] { return gptkernels::fused_mlp_eager(x, w_fc, b_fc, w_proj, b_proj, activation, residual); });
       },
       "Eager fused_mlp without grad on the ATen-GEMM path: y, or None for the checked Python path.");
   m.def(
       "swiglu",
       [](const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down) {
-        return eager_call([&] { return gptkernels::swiglu_eager(x, w_gate, w_up, w_down); });
+        return eager_call(w_gate.numel(), [&] { return gptkernels::swiglu_eager(x, w_gate, w_up, w_down); });
       },
       "Eager swiglu without grad on the ATen-GEMM path: y, or None for the checked Python path.");
 }

@@ -149,18 +149,21 @@ def _requested(backend: str | None) -> tuple[str, str]:
     return "auto", "automatic"
 
 
-def select(op: str, device: torch.device, backend: str | None = None, supports=None, key=None) -> str:
+def select(op: str, device: torch.device, backend: str | None = None, supports=None, key=None,
+           order: tuple[str, ...] | None = None, order_why: str | None = None) -> str:
     """Choose the backend for one call of ``op`` on ``device`` and record why.
 
     ``supports(backend) -> str | None`` gives the op's own limits (dtype, shape, head dim) for this call. ``key``:
-    everything ``supports`` depends on (hashable); given, the decision is cached for :func:`choice`.
+    everything ``supports`` (and ``order``) depends on (hashable); given, the decision is cached for :func:`choice`.
+    ``order``: the op's own automatic preference on this device instead of AUTO_ORDER, with ``order_why`` for
+    explain().
     """
     if key is None or torch.compiler.is_compiling():
-        return _select(op, device, backend, supports)
+        return _select(op, device, backend, supports, order, order_why)
     rec = choice(op, device, backend, key)
     if rec is not None:
         return rec[0]
-    be = _select(op, device, backend, supports)
+    be = _select(op, device, backend, supports, order, order_why)
     remember(op, device, backend, key)
     return be
 
@@ -171,7 +174,7 @@ def remember(op: str, device: torch.device, backend: str | None, key) -> None:
     _CHOICES[(op, device, backend, key, env)] = _LAST[op]
 
 
-def _select(op, device, backend, supports):
+def _select(op, device, backend, supports, order=None, order_why=None):
     requested, source = _requested(backend)
     if requested != "auto" and requested not in BACKENDS:
         raise ValueError(f"backend: unknown backend {requested!r} (from {source}); choose one of "
@@ -188,17 +191,20 @@ def _select(op, device, backend, supports):
         _LAST[op] = (requested, f"requested by {source}")
         return requested
     dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    order = AUTO_ORDER.get(dev_type, ("torch",))
+    if order is None:
+        order = AUTO_ORDER.get(dev_type, ("torch",))
     skipped = []
     for b in order:
         why = reason(b)
         if why is None:
             # The note is cached per (device type, what was skipped): formatting it on every call cost more than
             # the rest of select (6.4 -> 2 us per call, measured on the 2-core EPYC).
-            key = (dev_type, b, tuple(skipped))
+            key = (dev_type, b, tuple(skipped), order, order_why)
             note = _NOTES.get(key)
             if note is None:
                 note = f"auto on {dev_type}: first usable of {', '.join(order)}"
+                if order_why:
+                    note += f" ({order_why})"
                 if skipped:
                     note += "; skipped " + "; ".join(skipped)
                 _NOTES[key] = note

@@ -290,3 +290,21 @@ def test_decision_cache_is_per_dtype_and_head_dim():
     gk.layer_norm(torch.randn(2, 8), torch.randn(8))
     assert gk.last("layer_norm")[0] == "cpu"
     assert _dispatch.choice("layer_norm", torch.device("cpu"), None, torch.float64)[0] == "torch"
+
+
+def test_attention_auto_order_puts_triton_first_on_hopper(monkeypatch):
+    from gptkernels.ops import attention as A
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(A, "_capability", lambda device: (9, 0))
+    order, why = A._auto_order(dev)
+    assert order == ("triton", "cuda", "torch") and "sm_90" in why
+    monkeypatch.setattr(A, "_capability", lambda device: (8, 0))
+    assert A._auto_order(dev) == (None, None)
+    assert A._auto_order(torch.device("cpu")) == (None, None)
+    # The reason reaches explain(): select() formats the order and why into its note.
+    monkeypatch.setattr(_dispatch, "backend_reason", lambda b, d: None)
+    _dispatch.select("scaled_dot_product_attention", dev, None, None, order=("triton", "cuda", "torch"),
+                     order_why=why)
+    assert gk.last("scaled_dot_product_attention") == (
+        "triton", f"auto on cuda: first usable of triton, cuda, torch ({why})")

@@ -250,9 +250,10 @@ def test_swiglu_noncontiguous_stride0(bd):
 @pytest.mark.parametrize("bd", [p for p in backend_params() if p.id != "torch"])  # torch: no custom op
 def test_opcheck(bd):
     backend, device = bd
-    from gptkernels.ops.mlp import _ops
+    from gptkernels.ops._common import registered_op
 
-    bg_fwd, bg_bwd, sm_fwd, sm_bwd = _ops(backend)
+    bg_fwd, bg_bwd, sm_fwd, sm_bwd = (registered_op(n, backend) for n in
+                                      ("bias_gelu_fwd", "bias_gelu_bwd", "silu_mul_fwd", "silu_mul_bwd"))
     x = torch.randn(3, 5, 40, device=device)
     for b in (torch.randn(40, device=device), None):
         for act in ("gelu_tanh", "gelu", "relu"):

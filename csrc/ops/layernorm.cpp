@@ -15,10 +15,14 @@
 
 namespace gptkernels {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd(const at::Tensor& x_, const at::Tensor& weight,
-                                                                         const std::optional<at::Tensor>& bias,
-                                                                         const std::optional<at::Tensor>& residual,
-                                                                         double eps, bool rms) {
+namespace {
+
+// stats = false (inference, no backward): mean and rstd are neither allocated nor written (returned undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_impl(const at::Tensor& x_,
+                                                                              const at::Tensor& weight,
+                                                                              const std::optional<at::Tensor>& bias,
+                                                                              const std::optional<at::Tensor>& residual,
+                                                                              double eps, bool rms, bool stats) {
   TORCH_CHECK(x_.dim() >= 1, "x: must have at least 1 dim");
   const int64_t N = x_.size(-1);
   TORCH_CHECK(N >= 1, "x: last dim must be >= 1");
@@ -42,23 +46,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd(const a
   const at::Tensor w = as_f32_vector(weight);
   const at::Tensor b = has_bias ? as_f32_vector(*bias) : at::Tensor();
   const int64_t M = x.numel() / N;
-  auto stat_shape = x.sizes().vec();
-  stat_shape.pop_back();
-  const auto f32 = x.options().dtype(at::kFloat);
-
   at::Tensor y = at::empty_like(x);
-  at::Tensor h = has_res ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor mean = rms ? at::empty({0}, f32) : at::empty(stat_shape, f32);
-  at::Tensor rstd = at::empty(stat_shape, f32);
+  at::Tensor h = has_res ? at::empty_like(x) : (stats ? at::empty({0}, x.options()) : at::Tensor());
+  at::Tensor mean, rstd;
+  if (stats) {
+    const auto f32 = x.options().dtype(at::kFloat);
+    const auto stat_shape = x.sizes().slice(0, x.dim() - 1);
+    mean = rms ? at::empty({0}, f32) : at::empty(stat_shape, f32);
+    rstd = at::empty(stat_shape, f32);
+  }
   if (M == 0) return {y, h, mean, rstd};
 
-  float* mean_p = rms ? nullptr : mean.data_ptr<float>();
+  float* mean_p = stats && !rms ? mean.data_ptr<float>() : nullptr;
+  float* rstd_p = stats ? rstd.data_ptr<float>() : nullptr;
   if (x.is_cuda()) {
 #ifdef GPTKERNELS_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
     check_cuda(launch_layernorm_fwd(dt, x.data_ptr(), opt_ptr(r), w.data_ptr<float>(), opt_float_ptr(b),
-                                    y.data_ptr(), has_res ? h.data_ptr() : nullptr, mean_p, rstd.data_ptr<float>(),
-                                    M, N, float(eps), rms, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
+                                    y.data_ptr(), has_res ? h.data_ptr() : nullptr, mean_p, rstd_p, M, N,
+                                    float(eps), rms, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
                "launch_layernorm_fwd");
 #else
     TORCH_CHECK(false, "gptkernels was built without CUDA");
@@ -67,9 +73,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd(const a
     prefault_output(y.data_ptr(), y.nbytes());
     if (has_res) prefault_output(h.data_ptr(), h.nbytes());
     layernorm_fwd_cpu(dt, x.data_ptr(), opt_ptr(r), w.data_ptr<float>(), opt_float_ptr(b), y.data_ptr(),
-                      has_res ? h.data_ptr() : nullptr, mean_p, rstd.data_ptr<float>(), M, N, float(eps), rms);
+                      has_res ? h.data_ptr() : nullptr, mean_p, rstd_p, M, N, float(eps), rms);
   }
   return {y, h, mean, rstd};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd(const at::Tensor& x,
+                                                                         const at::Tensor& weight,
+                                                                         const std::optional<at::Tensor>& bias,
+                                                                         const std::optional<at::Tensor>& residual,
+                                                                         double eps, bool rms) {
+  return layernorm_fwd_impl(x, weight, bias, residual, eps, rms, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& dy_, const std::optional<at::Tensor>& dh_,
@@ -185,7 +201,7 @@ EagerOut layernorm_eager(const at::Tensor& x, const std::optional<at::Tensor>& w
     if (!has_res) out.resize(1);
     return out;
   }
-  auto [y, h, mean, rstd] = layernorm_fwd(x, *weight, bias, residual, eps, rms);
+  auto [y, h, mean, rstd] = layernorm_fwd_impl(x, *weight, bias, residual, eps, rms, /*stats=*/false);
   if (has_res) return std::vector<at::Tensor>{y, h};
   return std::vector<at::Tensor>{y};
 }

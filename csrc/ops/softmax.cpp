@@ -86,10 +86,13 @@ at::Tensor softmax_fwd(const at::Tensor& x_, const std::optional<at::Tensor>& ma
   const int64_t H = d >= 3 ? x_.size(-3) : 1;
   const int64_t B = N * T * H == 0 ? 0 : x_.numel() / (N * T * H);
   const int64_t M = B * H * T;
-  at::Tensor y = at::empty({M, N}, x_.options().memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0 || N == 0) return y.view(x_.sizes());
+  at::Tensor y = at::empty(x_.sizes(), x_.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || N == 0) return y;
 
-  const at::Tensor x = as_rows(x_, M, N);
+  // Rows of a contiguous x are read in place (row stride N) without building a view: at decode sizes each view
+  // is a measurable share of the call.
+  const at::Tensor x = x_.is_contiguous() ? x_ : as_rows(x_, M, N);
+  const int64_t x_row_stride = x_.is_contiguous() ? N : x.stride(0);
   MaskView mv;
   if (has_mask) mv = mask_view(*mask_, x_, B, H, T, N);
   const float* mask_p = has_mask ? mv.mask.data_ptr<float>() : nullptr;
@@ -97,7 +100,7 @@ at::Tensor softmax_fwd(const at::Tensor& x_, const std::optional<at::Tensor>& ma
   if (x.is_cuda()) {
 #ifdef GPTKERNELS_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    check_cuda(launch_softmax_fwd(dt, x.data_ptr(), x.stride(0), y.data_ptr(), mask_p, B, H, T, N, mv.smb, mv.smh,
+    check_cuda(launch_softmax_fwd(dt, x.data_ptr(), x_row_stride, y.data_ptr(), mask_p, B, H, T, N, mv.smb, mv.smh,
                                   mv.smt, mv.smn, float(scale), causal,
                                   c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
                "launch_softmax_fwd");
@@ -106,10 +109,10 @@ at::Tensor softmax_fwd(const at::Tensor& x_, const std::optional<at::Tensor>& ma
 #endif
   } else {
     prefault_output(y.data_ptr(), y.nbytes());
-    softmax_fwd_cpu(dt, x.data_ptr(), x.stride(0), y.data_ptr(), mask_p, B, H, T, N, mv.smb, mv.smh, mv.smt, mv.smn,
+    softmax_fwd_cpu(dt, x.data_ptr(), x_row_stride, y.data_ptr(), mask_p, B, H, T, N, mv.smb, mv.smh, mv.smt, mv.smn,
                     float(scale), causal);
   }
-  return y.view(x_.sizes());
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_bwd(const at::Tensor& y_, const at::Tensor& dy_, double scale,

@@ -63,14 +63,18 @@ def register_cpp_fakes(fakes: dict) -> bool:
     return have
 
 
+def registered_op(name: str, backend: str):
+    """The registered custom op of kernel op ``name`` on ``backend`` (what torch.compile and opcheck see):
+    ``gptkernels::<name>`` for cpu and cuda (one op, dispatched by device), ``gptkernels::<name>_triton``."""
+    return getattr(torch.ops.gptkernels, name + "_triton" if backend == "triton" else name)
+
+
 def kernel_op(name: str, backend: str):
-    """The callable that runs kernel op ``name`` on ``backend``: ``gptkernels::<name>`` for cpu and cuda (one op,
-    dispatched by device), ``<name>_triton`` for triton (its launcher itself in eager mode)."""
-    if backend == "triton":
-        if not is_compiling():
-            return _TRITON_IMPLS[name + "_triton"]
-        return getattr(torch.ops.gptkernels, name + "_triton")
-    return getattr(torch.ops.gptkernels, name)
+    """The callable that runs kernel op ``name`` on ``backend``: the registered op, except a Triton op in eager mode,
+    which is its launcher itself."""
+    if backend == "triton" and not is_compiling():
+        return _TRITON_IMPLS[name + "_triton"]
+    return registered_op(name, backend)
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

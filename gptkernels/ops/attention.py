@@ -171,6 +171,19 @@ def _capability(device):
     return _CAPABILITY[index]
 
 
+# Automatic order on Hopper and newer: the Triton kernels compile to wgmma there, while our CUDA kernels use WMMA with
+# shared-memory round trips and synchronous tile loads. Until a GPU run measures both, Triton goes first.
+_HOPPER_ORDER = ("triton", "cuda", "torch")
+_HOPPER_WHY = "sm_90+: Triton's wgmma kernels before the WMMA CUDA kernels until measured"
+
+
+def _auto_order(device):
+    """(order, why) of the automatic choice for attention on ``device``, or (None, None) for the default."""
+    if device.type == "cuda" and _capability(device)[0] >= 9:
+        return _HOPPER_ORDER, _HOPPER_WHY
+    return None, None
+
+
 def _supports(dtype, head_dim, device):
     """supports(backend) -> None or the reason this call cannot run there (the contract's backend limits)."""
 
@@ -355,7 +368,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     mask = _mask_4d(attn_mask, lead, B)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     causal = bool(is_causal) or window is not None
-    be = _dispatch.select(fn, query.device, backend, _supports(query.dtype, D, query.device), key=(query.dtype, D))
+    order, why = _auto_order(query.device)
+    be = _dispatch.select(fn, query.device, backend, _supports(query.dtype, D, query.device), key=(query.dtype, D),
+                          order=order, order_why=why)
     if be == "torch":
         out = attention_ref(q, k, v, mask, float(dropout_p), causal, scale, window=window)
     else:
@@ -435,7 +450,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, backend=Non
         raise ValueError(f"{fn}: scale must be a finite float or None, got {scale!r}")
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    be = _dispatch.select(fn, q.device, backend, _supports(q.dtype, D, q.device), key=(q.dtype, D))
+    order, why = _auto_order(q.device)
+    be = _dispatch.select(fn, q.device, backend, _supports(q.dtype, D, q.device), key=(q.dtype, D), order=order,
+                          order_why=why)
     if be == "torch":
         return decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale)
     return _common.kernel_op("decode_attention", be)(q, k_cache, v_cache, cache_seqlens, scale, 0)

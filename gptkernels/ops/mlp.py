@@ -14,10 +14,11 @@ Where the GEMMs run (the "gemm path", appended to gptkernels.explain()'s reason 
             writes dpre = (dy @ W_proj) * act'(pre), act(pre) and db_fc's partial sums; SwiGLU computes gate and up
             from one read of x and writes silu(g) * u, and its grad GEMM writes dg, du, p. The plain GEMMs
             (dx, dW) stay in ATen: with no epilogue to fuse, cuBLAS is the faster GEMM.
-    cuda:   for activation="gelu_tanh" and H % 8 == 0, cuBLASLt epilogues (gptkernels::mlp_fc_gelu_lt,
-            mlp_linear_lt, mlp_dgelu_lt: GELU_AUX_BIAS, BIAS + beta=1 residual, DGELU_BGRAD); cuBLASLt's GELU is the
-            tanh form only, so "gelu"/"relu", H % 8 != 0, or GPTKERNELS_MLP_CUBLASLT=0 take the cpu-style path with
-            the CUDA epilogue kernels, and say why. SwiGLU on cuda: the cpu-style path (cuBLASLt has no SiLU-mul).
+    cuda:   for 16-bit x, activation="gelu_tanh", H % 8 == 0 and more than one row, cuBLASLt epilogues
+            (gptkernels::mlp_fc_gelu_lt, mlp_linear_lt, mlp_dgelu_lt: GELU_AUX_BIAS, BIAS + beta=1 residual,
+            DGELU_BGRAD). Otherwise (fp32: cuBLASLt's fp32 epilogue accuracy is undocumented; "gelu"/"relu": its GELU
+            is the tanh form only; H % 8 != 0; a single row; GPTKERNELS_MLP_CUBLASLT=0) the cpu-style path with the
+            CUDA epilogue kernels, and explain() says why. SwiGLU on cuda: the cpu-style path (no SiLU-mul epilogue).
 
 What backward saves (activation memory; the weights are parameters and are saved by reference):
     bias_gelu: x and b, never y; the backward recomputes x + b and gelu'.
@@ -250,11 +251,13 @@ class BiasGeluFunction(torch.autograd.Function):
 _LT_ENABLED = os.environ.get("GPTKERNELS_MLP_CUBLASLT", "1").strip() != "0"
 
 
-def _lt_reason(activation, hid, rows):
+def _lt_reason(activation, hid, rows, dtype=None):
     """None when the cuda backend's fused_mlp can run on cuBLASLt epilogues, else why not (shape/dtype facts only,
     so it traces under torch.compile; operand alignment is fixed in C++ by copying, not by falling back)."""
     if not _LT_ENABLED:
         return "disabled by GPTKERNELS_MLP_CUBLASLT=0"
+    if dtype == torch.float32:
+        return "float32: cuBLASLt's fp32 GELU epilogue accuracy is undocumented and our fp32 bound is 1e-5"
     if activation != "gelu_tanh":
         return f"cuBLASLt's GELU epilogue is the tanh form; activation {activation!r} needs our epilogue kernel"
     if rows <= 1:
@@ -268,12 +271,12 @@ def _lt_reason(activation, hid, rows):
     return None
 
 
-def _gemm_path(op, backend, activation=None, hid=0, rows=0):
+def _gemm_path(op, backend, activation=None, hid=0, rows=0, dtype=None):
     """'triton', 'cublaslt' or 'aten' for this call, and the note for explain()'s reason."""
     if backend == "triton":
         return "triton", "gemm path: Triton matmul with fused epilogues"
     if backend == "cuda" and op == "fused_mlp":
-        why = _lt_reason(activation, hid, rows)
+        why = _lt_reason(activation, hid, rows, dtype)
         if why is None:
             return "cublaslt", "gemm path: cuBLASLt epilogues (GELU_AUX_BIAS, BIAS, DGELU_BGRAD)"
         return "aten", f"gemm path: ATen GEMM + gptkernels epilogue kernel ({why})"
@@ -285,9 +288,9 @@ def _select_with_path(fn, x, backend, key, activation=None, hid=0, rows=0):
     rec = _dispatch.choice(fn, x.device, backend, key) if not _common.is_compiling() else None
     if rec is not None and "gemm path" in rec[1]:
         be = rec[0]
-        return be, _gemm_path(fn, be, activation, hid, rows)[0]
+        return be, _gemm_path(fn, be, activation, hid, rows, x.dtype)[0]
     be = _dispatch.select(fn, x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b))
-    path, note = _gemm_path(fn, be, activation, hid, rows)
+    path, note = _gemm_path(fn, be, activation, hid, rows, x.dtype)
     _dispatch.note(fn, note)
     if not _common.is_compiling():
         _dispatch.remember(fn, x.device, backend, key)
@@ -468,7 +471,7 @@ def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=No
         rows, hid = x.numel() // max(x.shape[-1], 1), w_fc.shape[0]
         rec = _dispatch.choice(fn, x.device, backend, (x.dtype, activation, rows <= 1, hid % 8 == 0))
         if (rec is not None and rec[0] in _common.EAGER_BACKENDS
-                and (rec[0] == "cpu" or _gemm_path(fn, rec[0], activation, hid, rows)[0] == "aten")):
+                and (rec[0] == "cpu" or _gemm_path(fn, rec[0], activation, hid, rows, x.dtype)[0] == "aten")):
             out = _common.eager_call(_common.C.fused_mlp, x, w_fc, b_fc, w_proj, b_proj, activation, residual)
             if out is not None:
                 return out

@@ -97,13 +97,12 @@ template <typename T>
 void fwd_impl(const T* x, const T* residual, const float* weight, const float* bias, T* y, T* h, float* mean,
               float* rstd, int64_t M, int64_t N, float eps, bool rms) {
   constexpr bool kF32 = std::is_same_v<T, float>;
-#pragma omp parallel if (M * N >= kParallelMinWork)
-  {
-    // A staged fp32 row per thread, for 16-bit inputs and for h = x + r. fp32 without a residual reads x in
-    // place and writes y directly: read x once (plus an L2 re-read for the variance), write y once.
-    std::vector<float> buf(N);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < M; ++i) {
+  // A staged fp32 row per thread, for 16-bit inputs and for h = x + r. fp32 without a residual reads x in
+  // place and writes y directly: read x once (plus an L2 re-read for the variance), write y once.
+  const size_t staged = kF32 && !residual ? 0 : size_t(N);
+  parallel_for(
+      M * N >= kParallelMinWork, M, [&] { return std::vector<float>(staged); },
+      [&](std::vector<float>& buf, int64_t i) {
       const T* xr = x + i * N;
       const float* row = buf.data();
       if (residual) {
@@ -123,13 +122,12 @@ void fwd_impl(const T* x, const T* residual, const float* weight, const float* b
       float* out = kF32 ? reinterpret_cast<float*>(y + i * N) : buf.data();
       norm_row(row, weight, bias, out, N, eps, rms, &mu, &rs);
       if (mean && !rms) mean[i] = mu;
-      rstd[i] = rs;
+      if (rstd) rstd[i] = rs;
       if constexpr (!kF32) {
         T* yr = y + i * N;
         for (int64_t j = 0; j < N; ++j) yr[j] = from_float<T>(buf[j]);
       }
-    }
-  }
+      });
 }
 
 template <typename T>

@@ -10,7 +10,8 @@ namespace gptkernels {
 // h = residual ? x + residual (rounded to dtype) : x
 // LayerNorm: y = (h - mean) * rstd * weight + bias;  RMSNorm (rms): y = h * rstd * weight.
 // x, residual, y, h: (M, N) of `dtype`, rows contiguous. weight, bias: fp32 (N,). bias, residual nullable;
-// h is written only when residual != nullptr. mean (M,) fp32 written unless rms (nullable then); rstd (M,) fp32.
+// h is written only when residual != nullptr. mean (M,) fp32 written unless rms; rstd (M,) fp32; either may be
+// nullptr (inference: no backward).
 void layernorm_fwd_cpu(DType dtype, const void* x, const void* residual, const float* weight, const float* bias,
                        void* y, void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps, bool rms);
 

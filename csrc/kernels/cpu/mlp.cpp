@@ -181,20 +181,17 @@ void store_row(const float* src, T* dst, int64_t n) {
 template <typename T, Act A>
 void bias_fwd_impl(const T* x, const float* b, T* y, int64_t M, int64_t N) {
   // Reads x once, writes y once: 2*M*N*elsize (the bias row stays in L1/L2).
+  const bool par = M * N >= kParallelMinWork;
   if constexpr (std::is_same_v<T, float>) {
-#pragma omp parallel for schedule(static) if (M * N >= kParallelMinWork)
-    for (int64_t i = 0; i < M; ++i) fwd_row<A>(x + i * N, b, y + i * N, N);
+    parallel_for(par, M, no_state, [&](NoState&, int64_t i) { fwd_row<A>(x + i * N, b, y + i * N, N); });
   } else {
-#pragma omp parallel if (M * N >= kParallelMinWork)
-    {
-      std::vector<float> buf(N);
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < M; ++i) {
-        load_row(x + i * N, buf.data(), N);
-        fwd_row<A>(buf.data(), b, buf.data(), N);
-        store_row(buf.data(), y + i * N, N);
-      }
-    }
+    parallel_for(
+        par, M, [&] { return std::vector<float>(N); },
+        [&](std::vector<float>& buf, int64_t i) {
+          load_row(x + i * N, buf.data(), N);
+          fwd_row<A>(buf.data(), b, buf.data(), N);
+          store_row(buf.data(), y + i * N, N);
+        });
   }
 }
 
@@ -239,22 +236,21 @@ constexpr int64_t kChunk = 4096;
 template <typename T>
 void silu_fwd_impl(const T* g, const T* u, T* p, int64_t numel) {
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
-#pragma omp parallel if (numel >= kParallelMinWork)
-  {
-    std::vector<float> bg(kChunk), bu(kChunk);
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t o = c * kChunk, n = numel - o < kChunk ? numel - o : kChunk;
-      if constexpr (std::is_same_v<T, float>) {
-        silu_mul_fwd_f32(g + o, u + o, p + o, n);
-      } else {
-        load_row(g + o, bg.data(), n);
-        load_row(u + o, bu.data(), n);
-        silu_mul_fwd_f32(bg.data(), bu.data(), bg.data(), n);
-        store_row(bg.data(), p + o, n);
-      }
-    }
-  }
+  constexpr size_t kStaged = std::is_same_v<T, float> ? 0 : size_t(2 * kChunk);  // 16-bit: fp32 g and u chunks
+  parallel_for(
+      numel >= kParallelMinWork, chunks, [] { return std::vector<float>(kStaged); },
+      [&](std::vector<float>& buf, int64_t c) {
+        const int64_t o = c * kChunk, n = numel - o < kChunk ? numel - o : kChunk;
+        if constexpr (std::is_same_v<T, float>) {
+          silu_mul_fwd_f32(g + o, u + o, p + o, n);
+        } else {
+          float *bg = buf.data(), *bu = buf.data() + kChunk;
+          load_row(g + o, bg, n);
+          load_row(u + o, bu, n);
+          silu_mul_fwd_f32(bg, bu, bg, n);
+          store_row(bg, p + o, n);
+        }
+      });
 }
 
 template <typename T>

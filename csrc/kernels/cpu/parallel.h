@@ -1,6 +1,8 @@
 // OpenMP thread queries that also compile without OpenMP (then everything runs on one thread).
 #pragma once
 
+#include <cstdint>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -28,5 +30,38 @@ inline int thread_id() {
   return 0;
 #endif
 }
+
+// body(state, i) for i in [0, n), with one state = make_state() per thread: on the OpenMP team when `par`
+// (kDynamicChunk > 0: dynamic schedule with that chunk, else static), else on the calling thread with no OpenMP call
+// at all. Why not `#pragma omp parallel if (par)`: libgomp builds and tears down a team of one even when the
+// condition is false, 350-480 ns per region (measured on the 2-core EPYC, g++ 12), a sixth of a decode-size
+// LayerNorm call; an orphaned `omp for` still costs 50-180 ns.
+template <int kDynamicChunk = 0, typename MakeState, typename Body>
+inline void parallel_for(bool par, int64_t n, MakeState&& make_state, Body&& body) {
+#ifdef _OPENMP
+  if (par) {
+#pragma omp parallel
+    {
+      auto state = make_state();
+      if constexpr (kDynamicChunk > 0) {
+#pragma omp for schedule(dynamic, kDynamicChunk)
+        for (int64_t i = 0; i < n; ++i) body(state, i);
+      } else {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; ++i) body(state, i);
+      }
+    }
+    return;
+  }
+#else
+  (void)par;
+#endif
+  auto state = make_state();
+  for (int64_t i = 0; i < n; ++i) body(state, i);
+}
+
+// No per-thread state.
+struct NoState {};
+inline NoState no_state() { return {}; }
 
 }  // namespace gptkernels

@@ -213,11 +213,10 @@ void fwd_impl(const T* x, int64_t stride_xm, T* y, const float* mask, int64_t B,
   constexpr bool kF32 = std::is_same<T, float>::value;
   // Rows are handed out in small dynamic chunks: causal rows vary in length (t + 1 live columns), and on a shared
   // machine a preempted thread's rows are picked up by the others instead of stalling the call.
-#pragma omp parallel if (M * N >= kParallelMinWork)
-  {
-    std::vector<float> buf(kF32 ? 0 : static_cast<size_t>(N));  // 16-bit: the fp32 row of exps
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t r = 0; r < M; ++r) {
+  parallel_for<16>(
+      M * N >= kParallelMinWork, M,
+      [&] { return std::vector<float>(kF32 ? 0 : static_cast<size_t>(N)); },  // 16-bit: the fp32 row of exps
+      [&](std::vector<float>& buf, int64_t r) {
       const int64_t t = r % T_;
       const int64_t n = causal ? std::min(N, t + 1) : N;  // the live columns; the rest is exactly 0
       const float* mrow = nullptr;
@@ -247,19 +246,17 @@ void fwd_impl(const T* x, int64_t stride_xm, T* y, const float* mask, int64_t B,
         store_scaled<T>(e, inv, yr, n);
       }
       std::fill(yr + n, yr + N, store_f32<T>(0.f));
-    }
-  }
+      });
 }
 
 template <typename T>
 void bwd_impl(const T* y, const T* dy, int64_t stride_dym, T* dx, float* dz, int64_t M, int64_t N, float scale) {
-#pragma omp parallel for schedule(dynamic, 16) if (M * N >= kParallelMinWork)
-  for (int64_t r = 0; r < M; ++r) {
+  parallel_for<16>(M * N >= kParallelMinWork, M, no_state, [&](NoState&, int64_t r) {
     const T* yr = y + r * N;
     const T* dyr = dy + r * stride_dym;
     const float c = dot<T>(yr, dyr, N);
     bwd_row<T>(yr, dyr, c, scale, dx + r * N, dz ? dz + r * N : nullptr, N);
-  }
+  });
 }
 
 }  // namespace

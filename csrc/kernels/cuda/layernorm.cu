@@ -228,8 +228,8 @@ __global__ void __launch_bounds__(MAXT)
       rs = rsqrtf(q[0] / N + eps);
     }
     if (threadIdx.x == 0) {
-      if (!rms) mean[row] = mu;
-      rstd[row] = rs;
+      if (mean && !rms) mean[row] = mu;
+      if (rstd) rstd[row] = rs;
     }
 
 #pragma unroll
@@ -305,8 +305,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       rs = rsqrtf(q[0] / N + eps);
     }
     if (threadIdx.x == 0) {
-      if (!rms) mean[row] = mu;
-      rstd[row] = rs;
+      if (mean && !rms) mean[row] = mu;
+      if (rstd) rstd[row] = rs;
     }
 
 #pragma unroll 4

@@ -20,7 +20,7 @@ namespace gptkernels {
 // non-null bias is added in RMSNorm mode too.
 // residual may be nullptr; then h is ignored (may be nullptr) and h == x for the math.
 // If residual != nullptr, h (M, N) is written (the rounded sum) and the statistics come from the ROUNDED h.
-// mean: fp32 (M,), written only when !rms (may be nullptr when rms). rstd: fp32 (M,), always written.
+// mean: fp32 (M,), written only when !rms. rstd: fp32 (M,). Either may be nullptr (inference: no backward).
 // All math in fp32. y may alias x (in place); h must not alias x or residual.
 // Returns cudaErrorInvalidValue for bad arguments, else cudaGetLastError() after the launch.
 cudaError_t launch_layernorm_fwd(DType dtype, const void* x, const void* residual, const float* weight,
