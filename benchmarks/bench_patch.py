@@ -70,12 +70,16 @@ def main(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds per timed case")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's; use 1 when other work shares the cores)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/<date>-patch.json)")
     args = ap.parse_args(argv)
 
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device("cpu")
     dtype = torch.float32

@@ -2,6 +2,8 @@
 // broadcast strides, allocation, and the call into the CPU or CUDA kernels. Registered as
 // gptkernels::attention_fwd / attention_bwd / decode_attention for the CPU and CUDA dispatch keys; their fake
 // implementations and the autograd wiring live in gptkernels/ops/attention.py.
+#include "../kernels/cpu/attention.h"
+
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -12,7 +14,6 @@
 #include <optional>
 #include <tuple>
 
-#include "../kernels/cpu/attention.h"
 #include "common.h"
 #include "eager.h"
 #ifdef GPTKERNELS_WITH_CUDA
@@ -40,8 +41,7 @@ Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   TORCH_CHECK(k.size(0) == d.B, kn, ": batch ", k.size(0), " must match q's ", d.B);
   TORCH_CHECK(k.size(3) == d.D, kn, ": head dim ", k.size(3), " must match q's ", d.D);
-  TORCH_CHECK(d.Hkv >= 1 && d.H % d.Hkv == 0, "q heads (", d.H, ") must be a multiple of ", kn, " heads (", d.Hkv,
-              ")");
+  TORCH_CHECK(d.Hkv >= 1 && d.H % d.Hkv == 0, "q heads (", d.H, ") must be a multiple of ", kn, " heads (", d.Hkv, ")");
   if (q.is_cuda()) {
     TORCH_CHECK(d.D % 8 == 0 && d.D >= 16 && d.D <= 256, "cuda: head_dim ", d.D,
                 " not supported; supported: 16..256 step 8");
@@ -183,9 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
     const size_t ws_bytes = attention_bwd_workspace_bytes(d.B, d.H, d.Tq);
     at::Tensor ws = at::empty({int64_t((ws_bytes + sizeof(float) - 1) / sizeof(float))}, lse.options());
     check_cuda(launch_attention_bwd(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                    lse.data_ptr<float>(), m.ptr, m.sb, m.sh, m.si, m.sj, dq.data_ptr(),
-                                    dk.data_ptr(), dv.data_ptr(), ws.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq,
-                                    d.Tk, d.D, float(scale), causal, window, float(dropout_p), uint64_t(seed),
+                                    lse.data_ptr<float>(), m.ptr, m.sb, m.sh, m.si, m.sj, dq.data_ptr(), dk.data_ptr(),
+                                    dv.data_ptr(), ws.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale),
+                                    causal, window, float(dropout_p), uint64_t(seed),
                                     c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
                "launch_attention_bwd");
 #else
@@ -193,9 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 #endif
   } else {
     attention_bwd_cpu(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                      lse.data_ptr<float>(), m.ptr, m.sb, m.sh, m.si, m.sj, dq.data_ptr(), dk.data_ptr(),
-                      dv.data_ptr(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale), causal, window,
-                      float(dropout_p), uint64_t(seed));
+                      lse.data_ptr<float>(), m.ptr, m.sb, m.sh, m.si, m.sj, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                      d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale), causal, window, float(dropout_p), uint64_t(seed));
   }
   return {dq, dk, dv};
 }
@@ -203,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache_, const at::Tensor& v_cache_,
                             const at::Tensor& cache_seqlens, double scale, int64_t num_splits) {
   const Dims d = check_qkv(q_, k_cache_, v_cache_, "k_cache", "v_cache");  // Tq = Tn, Tk = Tmax
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == d.B, "cache_seqlens: shape must be (B,) = (",
-              d.B, ",), got ", cache_seqlens.sizes());
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == d.B, "cache_seqlens: shape must be (B,) = (", d.B,
+              ",), got ", cache_seqlens.sizes());
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong,
                    "cache_seqlens: dtype must be int32 or int64, got ", cache_seqlens.scalar_type());
   TORCH_CHECK(cache_seqlens.device() == q_.device(), "cache_seqlens: must be on ", q_.device(), ", got ",
@@ -223,11 +222,10 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache_, co
     check_cuda_smem(q, d.D);
     // Values are read on the device (checking them here would synchronize); the kernels clamp to [0, Tmax].
     const at::Tensor lens = cache_seqlens.to(at::kInt).contiguous();
-    const int splits = decode_attention_num_splits(d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, num_splits,
-                                                   sm_count(q.get_device()));
+    const int splits =
+        decode_attention_num_splits(d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, num_splits, sm_count(q.get_device()));
     const size_t ws_bytes = decode_attention_workspace_bytes(d.B, d.H, d.Tq, d.D, splits);
-    at::Tensor ws = at::empty({int64_t((ws_bytes + sizeof(float) - 1) / sizeof(float))},
-                              q.options().dtype(at::kFloat));
+    at::Tensor ws = at::empty({int64_t((ws_bytes + sizeof(float) - 1) / sizeof(float))}, q.options().dtype(at::kFloat));
     check_cuda(launch_decode_attention(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr<int32_t>(),
                                        out.data_ptr(), ws.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D,
                                        float(scale), splits, c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
@@ -241,8 +239,8 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache_, co
     for (int64_t b = 0; b < d.B; ++b)
       TORCH_CHECK(lp[b] >= 1 && lp[b] <= d.Tk, "cache_seqlens[", b, "] = ", lp[b], " is outside [1, Tmax = ", d.Tk,
                   "]");
-    decode_attention_cpu(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), lp, out.data_ptr(), d.B, d.H, d.Hkv, d.Tq,
-                         d.Tk, d.D, float(scale), num_splits);
+    decode_attention_cpu(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), lp, out.data_ptr(), d.B, d.H, d.Hkv, d.Tq, d.Tk,
+                         d.D, float(scale), num_splits);
   }
   return out;
 }

@@ -25,10 +25,14 @@ namespace gptkernels {
 
 inline DType to_kernel_dtype(at::ScalarType t, const char* arg) {
   switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, arg, ": dtype must be float32, float16 or bfloat16, got ", t);
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, arg, ": dtype must be float32, float16 or bfloat16, got ", t);
   }
   return DType::kFloat32;
 }
@@ -38,15 +42,15 @@ inline DType to_kernel_dtype(at::ScalarType t, const char* arg) {
 // TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...) must see our registered custom op rather than the ATen
 // calls inside it. Such calls take the Python path through torch.ops instead.
 inline bool eager_plain(const at::Tensor& t) {
-  constexpr c10::DispatchKeySet kForeign =
-      c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                           c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
-                           c10::DispatchKey::Functionalize, c10::DispatchKey::Conjugate, c10::DispatchKey::Negative,
-                           c10::DispatchKey::ZeroTensor, c10::DispatchKey::BatchedNestedTensor});
-  return t.defined() && t.layout() == at::kStrided && (t.is_cpu() || t.is_cuda()) &&
-         !t.key_set().has_any(kForeign);
+  constexpr c10::DispatchKeySet kForeign = c10::DispatchKeySet(
+      {c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::FuncTorchBatched,
+       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize, c10::DispatchKey::Conjugate,
+       c10::DispatchKey::Negative, c10::DispatchKey::ZeroTensor, c10::DispatchKey::BatchedNestedTensor});
+  return t.defined() && t.layout() == at::kStrided && (t.is_cpu() || t.is_cuda()) && !t.key_set().has_any(kForeign);
 }
-inline bool eager_plain(const std::optional<at::Tensor>& t) { return !t.has_value() || !t->defined() || eager_plain(*t); }
+inline bool eager_plain(const std::optional<at::Tensor>& t) {
+  return !t.has_value() || !t->defined() || eager_plain(*t);
+}
 inline bool eager_no_modes() { return !c10::impl::TorchDispatchModeTLS::any_modes_set(); }
 inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 inline bool needs_grad(const std::optional<at::Tensor>& t) { return has_tensor(t) && t->requires_grad(); }
@@ -85,8 +89,8 @@ inline void prefault_output(void* ptr, int64_t bytes) {
   const int64_t slices = std::max<int64_t>(1, at::get_num_threads());
   at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
     const int64_t p0 = pages * s0 / slices, p1 = pages * s1 / slices;
-    if (p1 > p0) madvise(reinterpret_cast<void*>(begin + uintptr_t(p0) * page), uintptr_t(p1 - p0) * page,
-                         MADV_POPULATE_WRITE);
+    if (p1 > p0)
+      madvise(reinterpret_cast<void*>(begin + uintptr_t(p0) * page), uintptr_t(p1 - p0) * page, MADV_POPULATE_WRITE);
   });
 #else
   (void)ptr;

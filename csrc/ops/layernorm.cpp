@@ -1,12 +1,13 @@
 // Torch-facing LayerNorm/RMSNorm ops: checks, allocation, and the call into the CPU or CUDA kernel.
 // Registered as gptkernels::layernorm_fwd / layernorm_bwd for the CPU and CUDA dispatch keys; their fake
 // implementations live in gptkernels/ops/layernorm.py.
+#include "../kernels/cpu/layernorm.h"
+
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <tuple>
 
-#include "../kernels/cpu/layernorm.h"
 #include "common.h"
 #include "eager.h"
 #ifdef GPTKERNELS_WITH_CUDA
@@ -63,9 +64,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_impl(co
   if (x.is_cuda()) {
 #ifdef GPTKERNELS_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    check_cuda(launch_layernorm_fwd(dt, x.data_ptr(), opt_ptr(r), w.data_ptr<float>(), opt_float_ptr(b),
-                                    y.data_ptr(), has_res ? h.data_ptr() : nullptr, mean_p, rstd_p, M, N,
-                                    float(eps), rms, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
+    check_cuda(launch_layernorm_fwd(dt, x.data_ptr(), opt_ptr(r), w.data_ptr<float>(), opt_float_ptr(b), y.data_ptr(),
+                                    has_res ? h.data_ptr() : nullptr, mean_p, rstd_p, M, N, float(eps), rms,
+                                    c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
                "launch_layernorm_fwd");
 #else
     TORCH_CHECK(false, "gptkernels was built without CUDA");
@@ -81,8 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_impl(co
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd(const at::Tensor& x,
-                                                                         const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                                          const std::optional<at::Tensor>& bias,
                                                                          const std::optional<at::Tensor>& residual,
                                                                          double eps, bool rms) {
@@ -93,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd(const a
   return {y, h, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& dy_, const std::optional<at::Tensor>& dh_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& dy_,
+                                                             const std::optional<at::Tensor>& dh_,
                                                              const at::Tensor& hin_, const at::Tensor& weight,
                                                              const at::Tensor& mean_, const at::Tensor& rstd_,
                                                              bool has_bias, bool rms) {
@@ -138,11 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& d
     const int sms = sm_count(hin.get_device());
     const size_t ws_bytes = layernorm_bwd_workspace_bytes(M, N, sms);
     at::Tensor ws = at::empty({int64_t((ws_bytes + sizeof(float) - 1) / sizeof(float))}, f32);
-    check_cuda(launch_layernorm_bwd(dt, dy.data_ptr(), opt_ptr(dh), hin.data_ptr(), w.data_ptr<float>(),
-                                    opt_float_ptr(mean), rstd.data_ptr<float>(), dx.data_ptr(), dw.data_ptr<float>(),
-                                    db_p, ws.data_ptr<float>(), M, N, rms, sms,
-                                    c10::cuda::getCurrentCUDAStream(hin.get_device()).stream()),
-               "launch_layernorm_bwd");
+    check_cuda(
+        launch_layernorm_bwd(dt, dy.data_ptr(), opt_ptr(dh), hin.data_ptr(), w.data_ptr<float>(), opt_float_ptr(mean),
+                             rstd.data_ptr<float>(), dx.data_ptr(), dw.data_ptr<float>(), db_p, ws.data_ptr<float>(), M,
+                             N, rms, sms, c10::cuda::getCurrentCUDAStream(hin.get_device()).stream()),
+        "launch_layernorm_bwd");
 #else
     TORCH_CHECK(false, "gptkernels was built without CUDA");
 #endif
@@ -182,8 +183,12 @@ struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
     const at::Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(hin);
     const std::optional<at::Tensor> dh = has_res && grads.size() > 1 ? opt(grads[1]) : std::nullopt;
     auto [dx, dw, db] = layernorm_bwd(dy, dh, hin, weight, mean, rstd, has_bias, rms);
-    return {dx, dw.to(weight.scalar_type()), has_bias ? db.to(at::ScalarType(f >> 8)) : at::Tensor(),
-            has_res ? dx : at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx,
+            dw.to(weight.scalar_type()),
+            has_bias ? db.to(at::ScalarType(f >> 8)) : at::Tensor(),
+            has_res ? dx : at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 

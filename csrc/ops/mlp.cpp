@@ -7,6 +7,8 @@
 //    residual (proj), DGELU_BGRAD (the grad GEMM dy @ W_proj writes dpre and db_fc). cuBLASLt's GELU is the tanh
 //    approximation, so gptkernels/ops/mlp.py routes only activation="gelu_tanh" here.
 // Fakes live in gptkernels/ops/mlp.py.
+#include "../kernels/cpu/mlp.h"
+
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -19,7 +21,6 @@
 #include <type_traits>
 #include <unordered_map>
 
-#include "../kernels/cpu/mlp.h"
 #include "common.h"
 #include "eager.h"
 #ifdef GPTKERNELS_WITH_CUDA
@@ -110,10 +111,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& d
     const int sms = sm_count(x.get_device());
     const size_t ws_bytes = bias_gelu_bwd_workspace_bytes(M, N, sms);
     at::Tensor ws = at::empty({int64_t((ws_bytes + sizeof(float) - 1) / sizeof(float))}, f32);
-    check_cuda(launch_bias_gelu_bwd(dt, act, dy.data_ptr(), x.data_ptr(), opt_float_ptr(b), dx.data_ptr(), db_p,
-                                    y_p, ws.data_ptr<float>(), M, N, sms,
-                                    c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
-               "launch_bias_gelu_bwd");
+    check_cuda(
+        launch_bias_gelu_bwd(dt, act, dy.data_ptr(), x.data_ptr(), opt_float_ptr(b), dx.data_ptr(), db_p, y_p,
+                             ws.data_ptr<float>(), M, N, sms, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
+        "launch_bias_gelu_bwd");
 #else
     TORCH_CHECK(false, "gptkernels was built without CUDA");
 #endif
@@ -160,8 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_bwd(const at::Tensor& dp
   if (g.is_cuda()) {
 #ifdef GPTKERNELS_WITH_CUDA
     const c10::cuda::CUDAGuard guard(g.device());
-    check_cuda(launch_silu_mul_bwd(dt, dp.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), p_p,
-                                   n, c10::cuda::getCurrentCUDAStream(g.get_device()).stream()),
+    check_cuda(launch_silu_mul_bwd(dt, dp.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), p_p, n,
+                                   c10::cuda::getCurrentCUDAStream(g.get_device()).stream()),
                "launch_silu_mul_bwd");
 #else
     TORCH_CHECK(false, "gptkernels was built without CUDA");
@@ -179,8 +180,7 @@ namespace {
 // (x, bias, activation); bias is optional.
 struct BiasGeluFn : public torch::autograd::Function<BiasGeluFn> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                                const std::optional<at::Tensor>& bias,
-                                                const std::string& activation) {
+                                                const std::optional<at::Tensor>& bias, const std::string& activation) {
     ctx->save_for_backward({x, bias.value_or(at::Tensor())});
     ctx->saved_data["act"] = activation;
     return {bias_gelu_fwd(x, bias, activation)};
@@ -190,8 +190,8 @@ struct BiasGeluFn : public torch::autograd::Function<BiasGeluFn> {
                                                  torch::autograd::variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const at::Tensor &x = s[0], &bias = s[1];
-    auto [dx, db, y] = bias_gelu_bwd(grads[0], x, opt(bias), ctx->saved_data["act"].toStringRef(), bias.defined(),
-                                     false);
+    auto [dx, db, y] =
+        bias_gelu_bwd(grads[0], x, opt(bias), ctx->saved_data["act"].toStringRef(), bias.defined(), false);
     return {dx, bias.defined() ? db.to(bias.scalar_type()) : at::Tensor(), at::Tensor()};
   }
 };
@@ -252,8 +252,7 @@ EagerOut fused_mlp_eager(const at::Tensor& x, const at::Tensor& w_fc, const std:
   return std::vector<at::Tensor>{y.view(x.sizes())};
 }
 
-EagerOut swiglu_eager(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
-                      const at::Tensor& w_down) {
+EagerOut swiglu_eager(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down) {
   if (!eager_plain(x) || !eager_plain(w_gate) || !eager_plain(w_up) || !eager_plain(w_down) || !eager_no_modes() ||
       x.dim() < 1)
     return std::nullopt;
@@ -265,11 +264,10 @@ EagerOut swiglu_eager(const at::Tensor& x, const at::Tensor& w_gate, const at::T
       !is_gemm_operand(w_down, x, c, hid))
     return std::nullopt;
   to_kernel_dtype(x.scalar_type(), "x");
-  const at::Tensor x2 = x.reshape({-1, c});                                     // (M, C)
+  const at::Tensor x2 = x.reshape({-1, c});                                         // (M, C)
   const at::Tensor p = silu_mul_fwd(at::mm(x2, w_gate.t()), at::mm(x2, w_up.t()));  // (M, H)
   return std::vector<at::Tensor>{at::mm(p, w_down.t()).view(x.sizes())};
 }
-
 
 // ------------------------------------------------------------------------------------------- cuBLASLt epilogues
 // Layout: torch tensors are row-major, cuBLASLt is column-major. A row-major (R, C) matrix with row stride ld is a
@@ -286,10 +284,14 @@ void check_lt(cublasStatus_t st, const char* what) {
 
 cudaDataType lt_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return CUDA_R_32F;
-    case at::kHalf: return CUDA_R_16F;
-    case at::kBFloat16: return CUDA_R_16BF;
-    default: TORCH_CHECK_TYPE(false, "cuBLASLt epilogue GEMM: dtype must be float32, float16 or bfloat16, got ", t);
+    case at::kFloat:
+      return CUDA_R_32F;
+    case at::kHalf:
+      return CUDA_R_16F;
+    case at::kBFloat16:
+      return CUDA_R_16BF;
+    default:
+      TORCH_CHECK_TYPE(false, "cuBLASLt epilogue GEMM: dtype must be float32, float16 or bfloat16, got ", t);
   }
   return CUDA_R_32F;
 }
@@ -419,8 +421,7 @@ bool run_lt(const LtGemm& g, at::ScalarType st, const at::Tensor& like, std::str
   if (g.aux) {
     check_lt(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g.aux, sizeof(g.aux)),
              "EPILOGUE_AUX_POINTER");
-    check_lt(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &g.ld_aux,
-                                            sizeof(g.ld_aux)),
+    check_lt(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &g.ld_aux, sizeof(g.ld_aux)),
              "EPILOGUE_AUX_LD");
   }
   using Layout = LtHandle<cublasLtMatrixLayout_t, decltype(&cublasLtMatrixLayoutDestroy)>;
@@ -454,9 +455,9 @@ bool run_lt(const LtGemm& g, at::ScalarType st, const at::Tensor& like, std::str
         &cublasLtMatmulPreferenceDestroy);
     check_lt(cublasLtMatmulPreferenceCreate(&pref.h), "cublasLtMatmulPreferenceCreate");
     const uint64_t ws64 = ws_bytes;
-    check_lt(cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws64,
-                                                  sizeof(ws64)),
-             "PREF_MAX_WORKSPACE_BYTES");
+    check_lt(
+        cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws64, sizeof(ws64)),
+        "PREF_MAX_WORKSPACE_BYTES");
     const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
         {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_a},
         {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_b},
@@ -478,8 +479,8 @@ bool run_lt(const LtGemm& g, at::ScalarType st, const at::Tensor& like, std::str
   if (!plan.found) {
     if (why) {
       *why = "cublasLtMatmulAlgoGetHeuristic found no algorithm (status " + std::to_string(plan.status) +
-             ", m=" + std::to_string(g.m) + " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k) +
-             ", epilogue " + std::to_string(static_cast<int>(g.epilogue)) + ")";
+             ", m=" + std::to_string(g.m) + " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k) + ", epilogue " +
+             std::to_string(static_cast<int>(g.epilogue)) + ")";
     }
     return false;
   }

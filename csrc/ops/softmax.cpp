@@ -1,6 +1,8 @@
 // Torch-facing softmax ops: checks, the (B, H, T, N) view of x and its broadcast mask, allocation, and the call
 // into the CPU or CUDA kernel. Registered as gptkernels::softmax_fwd / softmax_bwd for the CPU and CUDA dispatch
 // keys; their fake implementations live in gptkernels/ops/softmax.py.
+#include "../kernels/cpu/softmax.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/TensorUtils.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -13,7 +15,6 @@
 #include <tuple>
 #include <vector>
 
-#include "../kernels/cpu/softmax.h"
 #include "common.h"
 #include "eager.h"
 #ifdef GPTKERNELS_WITH_CUDA
@@ -65,8 +66,7 @@ MaskView mask_view(const at::Tensor& mask_, const at::Tensor& x, int64_t B, int6
 
 at::Tensor softmax_fwd(const at::Tensor& x_, const std::optional<at::Tensor>& mask_, double scale, bool causal) {
   TORCH_CHECK(x_.dim() >= 1, "x: must have at least 1 dim");
-  TORCH_CHECK(!causal || x_.dim() >= 2, "x: causal=True needs at least 2 dims (rows, columns), got shape ",
-              x_.sizes());
+  TORCH_CHECK(!causal || x_.dim() >= 2, "x: causal=True needs at least 2 dims (rows, columns), got shape ", x_.sizes());
   const DType dt = to_kernel_dtype(x_.scalar_type(), "x");
   const bool has_mask = mask_.has_value() && mask_->defined();
   if (has_mask) {
@@ -100,10 +100,10 @@ at::Tensor softmax_fwd(const at::Tensor& x_, const std::optional<at::Tensor>& ma
   if (x.is_cuda()) {
 #ifdef GPTKERNELS_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    check_cuda(launch_softmax_fwd(dt, x.data_ptr(), x_row_stride, y.data_ptr(), mask_p, B, H, T, N, mv.smb, mv.smh,
-                                  mv.smt, mv.smn, float(scale), causal,
-                                  c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
-               "launch_softmax_fwd");
+    check_cuda(
+        launch_softmax_fwd(dt, x.data_ptr(), x_row_stride, y.data_ptr(), mask_p, B, H, T, N, mv.smb, mv.smh, mv.smt,
+                           mv.smn, float(scale), causal, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
+        "launch_softmax_fwd");
 #else
     TORCH_CHECK(false, "gptkernels was built without CUDA");
 #endif
