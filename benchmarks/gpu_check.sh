@@ -36,19 +36,9 @@
 #   logged, moved on) | tests 161 s (75 passed in 6 groups; compile group 41 s) | summary 4 s.
 # With DEADLINE_S=150 the test groups hit their 15 s floors: SIGINT stops pytest, which still prints its summary.
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.." || exit 2
-REPO=$(pwd)
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-DEV=${GPU_CHECK_DEVICE:-cuda}
-DEADLINE_S=${DEADLINE_S:-450}
-T0=$(date +%s)
-now() { echo $(( $(date +%s) - T0 )); }
-left() { echo $(( DEADLINE_S - $(now) )); }
-clamp() { local v=$1 lo=$2 hi=$3; (( v < lo )) && v=$lo; (( v > hi )) && v=$hi; echo "$v"; }
-SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+DEADLINE_DEFAULT_S=450 SCRATCH_PREFIX=gpu_check
+# shellcheck source=benchmarks/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
 KEEP="build.log smoke.log bench.log results.json model.log overhead.json tests.log summary.txt"
 declare -A STEP_S  # seconds per step, for the summary
 step_start() { STEP_T=$(date +%s); echo; echo "== $1 ($(now) s elapsed, $(left) s left, $(date -u +%T)Z)"; }
@@ -138,8 +128,9 @@ step_start "5/7 host overhead per call"
 mkdir -p "$SCRATCH/overhead"
 {
   echo; echo "## bench --suite overhead"
+  # cuda vs eager only: Triton's first calls JIT-compile and autotune (the second script has the Triton rows).
   timeout -k 5 "$(clamp "${OVERHEAD_S:-45}" 15 90)" $PY -m gptkernels bench --suite overhead --device "$DEV" \
-    --out "$SCRATCH/overhead" --no-progress
+    --providers "eager,gptkernels-$BACKEND" --out "$SCRATCH/overhead" --no-progress
   rc=$?
   [ $rc = 2 ] && echo "overhead: this bench has no --suite overhead (usage error, exit 2); step skipped"
   echo "overhead exit $rc"

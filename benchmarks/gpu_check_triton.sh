@@ -21,19 +21,9 @@
 # bench 31 s (eager vs compile, the rest skipped by the budget), tests 71 s (attention stopped at its 25 s timeout
 # with pytest's summary printed), empty Triton cache (the interpreter compiles nothing).
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu_check_triton.sh OUTDIR}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.." || exit 2
-REPO=$(pwd)
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-DEV=${GPU_CHECK_DEVICE:-cuda}
-DEADLINE_S=${DEADLINE_S:-420}
-T0=$(date +%s)
-now() { echo $(( $(date +%s) - T0 )); }
-left() { echo $(( DEADLINE_S - $(now) )); }
-clamp() { local v=$1 lo=$2 hi=$3; (( v < lo )) && v=$lo; (( v > hi )) && v=$hi; echo "$v"; }
-SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_triton.XXXXXX")
+DEADLINE_DEFAULT_S=420 SCRATCH_PREFIX=gpu_check_triton
+# shellcheck source=benchmarks/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
 KEEP="bench_triton.log results_triton.json tests_triton.log summary_triton.txt triton-cache.tar.gz"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$SCRATCH/triton-cache}
 mkdir -p "$TRITON_CACHE_DIR"

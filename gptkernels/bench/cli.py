@@ -92,7 +92,13 @@ def run(args) -> int:
     if args.summary:
         from gptkernels.bench import report
 
-        print(report.summary(report.load(args.summary)))
+        result = report.load(args.summary)
+        if result.get("suite") == "overhead":
+            from gptkernels.bench import overhead
+
+            print(overhead.markdown(result))
+        else:
+            print(report.summary(result))
         return 0
     if args.list:
         return _list()
@@ -143,6 +149,8 @@ def run(args) -> int:
                  presets=presets, quick=args.quick, providers=args.providers, exclude=exclude, model=args.model,
                  time_budget=args.time_budget, seed=args.seed, argv=[shlex.quote(a) for a in _command(args)],
                  progress=not args.no_progress, on_update=save)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run_suite(cfg)
     jpath, cpath = report.write(result, out)
     print(report.markdown(result))
