@@ -1,4 +1,4 @@
-"""Inference latency of a GPT, side by side: the eager reference, gptkernels, torch.compile (issue #6).
+"""Inference latency of a GPT, side by side: the eager reference, gptkernels, torch.compile.
 
 For each provider the same weights run the same greedy generation: one prefill of a (B, prompt_len) prompt, then
 new_tokens - 1 decode steps of (B, 1) against a KV cache (the first new token comes from the prefill, as in

@@ -1,4 +1,4 @@
-"""The latency profiler (issue #6): result fields, trace output, error paths, and CUDA-graph replay on a GPU.
+"""The latency profiler: result fields, trace output, error paths, and CUDA-graph replay on a GPU.
 
 torch.compile on this CPU costs ~10-30 s even for the tiny preset, so the compile row has one `slow` test.
 """
