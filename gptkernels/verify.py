@@ -7,7 +7,7 @@ the ground truth with the HOUSE_STYLE bounds:
     float32/float64: ||cand - truth|| / ||truth|| <= 1e-5
     float16/bfloat16: max|cand - truth| <= max(2 * max|ref - truth|, 2 ulps at max|truth|) + 1e-5
                       (the flash-attention rule: at most twice the error eager PyTorch makes in that dtype), and
-                      rel(cand) <= 2 * rel(ref) + 2 eps / sqrt(n), rel = ||. - truth|| / ||truth||, which catches a
+                      rel(cand) <= 2 * rel(ref) + 2 eps / sqrt(n_eff), rel = ||. - truth|| / ||truth||, which catches a
                       systematic error (a 0.5% bias) that stays within the max bound
 
 (gptkernels._tolerance.judge, the tests' and the benchmark's rule; its docstring says why.)
@@ -70,7 +70,7 @@ class VerifyReport:
         return self.ok
 
     def __str__(self):
-        rule = ("max abs err <= max(2 x ref err, 2 ulps) + 1e-5 and rel err <= 2 x ref rel err + 2 eps/sqrt(n)"
+        rule = ("max abs err <= max(2 x ref err, 2 ulps) + 1e-5 and rel err <= 2 x ref rel err + 2 eps/sqrt(n_eff)"
                 if self.dtype in LOW_PRECISION else "rel err <= 1e-5")
         head = (f"gptkernels.verify: {'OK' if self.ok else 'FAILED'} ({len(self.rows) - len(self.failures)}/"
                 f"{len(self.rows)} tensors within bounds; {str(self.dtype).replace('torch.', '')} vs a float64 "

@@ -51,7 +51,8 @@ def assert_close(out, ref, eager=None, name="out", fp32_bound=1e-5, atol=0.0, dt
 
     fp32 (and fp64): ||out - ref|| / ||ref|| <= fp32_bound (1e-5; 3e-4 where a dot runs in tf32).
     fp16/bf16: the max criterion (2 x eager's max error, floored at 2 ulps) and the norm criterion (2 x eager's
-    relative-norm error + 2 eps/sqrt(n), which catches systematic errors), eager being plain PyTorch in the same dtype.
+    relative-norm error + 2 eps/sqrt(n_eff), which catches systematic errors), eager being plain PyTorch in the
+    same dtype.
     NaN never passes (a NaN in the reference is a broken test, also a failure).
     atol: an absolute escape for references that are exactly zero in exact math; each use says why.
     dtype: the precision the computation ran in, when it differs from out.dtype (an fp32 weight gradient computed
