@@ -168,9 +168,21 @@ def _cpu64(*ts):
     return [t.detach().cpu().double().requires_grad_() for t in ts]
 
 
+def _oracle_visible(Tq, Tk, causal, window):
+    """(Tq, Tk) bool keep-mask of causal / window limits, or None; built here from tril, independently of the
+    package's own mask code (attn_mod._visible), which the reference and the kernels' dispatch share."""
+    if not causal and window is None:
+        return None
+    ones = torch.ones(Tq, Tk, dtype=torch.bool)
+    vis = ones.tril()  # top-left aligned: j <= i
+    if window is not None:
+        vis = vis & ~ones.tril(-window)  # and j > i - window
+    return vis
+
+
 def _eager_mask(mask, Tq, Tk, causal, window, dtype):
     """One SDPA attn_mask holding the user mask and the causal/window limits (SDPA takes one or the other)."""
-    vis = attn_mod._visible(Tq, Tk, causal or window is not None, window, "cpu")
+    vis = _oracle_visible(Tq, Tk, causal, window)
     if mask is None:
         return vis
     mask = mask.cpu()
@@ -184,7 +196,7 @@ def _eager_mask(mask, Tq, Tk, causal, window, dtype):
 def _keys_seen(mask, Tq, Tk, causal, window):
     """How many keys each query row sees (broadcast shape of the mask x (Tq, Tk), summed over keys)."""
     seen = torch.ones(Tq, Tk, dtype=torch.bool)
-    vis = attn_mod._visible(Tq, Tk, causal or window is not None, window, "cpu")
+    vis = _oracle_visible(Tq, Tk, causal, window)
     if vis is not None:
         seen = seen & vis
     if mask is not None:
@@ -305,6 +317,51 @@ def _scale_matrix():
 def test_attention_scale_matches_fp64(bd, dtype, case, scale):
     backend, device = bd
     _check_case(backend, device, dtype, case, scale)
+
+
+ORACLE_CASES = [C(2, 4, 4, 17, 33, 32), C(2, 4, 2, 33, 17, 32, True), C(1, 4, 1, 33, 33, 32, window=5),
+                C(1, 2, 2, 17, 33, 32, window=3, mask="float"), C(2, 4, 2, 33, 33, 32, True, mask="bool_pad")]
+
+
+@pytest.mark.parametrize("case", ORACLE_CASES, ids=_case_id)
+def test_reference_matches_pytorch_sdpa_in_fp64(case):
+    # The reference against an independent oracle: PyTorch's own SDPA in fp64, with causal / window limits built
+    # from tril here (not from attn_mod._visible, which attention_ref uses).
+    B, H, Hkv, Tq, Tk, D, causal, window, mask_kind = case
+    q, k, v = _cpu64(*_qkv(B, H, Hkv, Tq, Tk, D, torch.float64, "cpu"))
+    mask = _mask(mask_kind, B, H, Tq, Tk, "cpu")
+    dout = torch.randn(B, H, Tq, D, dtype=torch.float64)
+    for scale in (None, 0.6):
+        out, grads = _run(lambda q, k, v: attention_ref(q, k, v, mask, 0.0, causal, scale, window=window), q, k, v,
+                          dout)
+        m = _eager_mask(mask, Tq, Tk, causal, window, torch.float64)
+        oracle, ograds = _run(lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=m, scale=scale, enable_gqa=H != Hkv), q, k, v, dout)
+        assert not torch.isnan(oracle).any(), "oracle cases see at least one key per row"
+        torch.testing.assert_close(out, oracle, rtol=1e-12, atol=1e-12)
+        for g, og in zip(grads, ograds):
+            torch.testing.assert_close(g, og, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_backends_match_pytorch_sdpa(bd):
+    # Each backend straight against the oracle (fp32 vs fp64 SDPA with its own window mask): a fault shared by
+    # attention_ref and a kernel (both read the package's masks) would pass the fp64-reference tests.
+    backend, device = bd
+    B, H, Hkv, Tq, Tk, D = 1, 4, 2, 33, 17, 32
+    q, k, v = _qkv(B, H, Hkv, Tq, Tk, D, torch.float32, device)
+    dout = torch.randn(B, H, Tq, D, dtype=torch.float64, device=device)
+    for causal, window in ((True, None), (False, 4)):
+        out, grads = _run(lambda q, k, v: sdpa(q, k, v, is_causal=causal, window=window, scale=0.4, enable_gqa=True,
+                                               backend=backend), q, k, v, dout)
+        q64, k64, v64 = _cpu64(q, k, v)
+        m = _oracle_visible(Tq, Tk, causal, window)
+        oracle, ograds = _run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.4,
+                                                                             enable_gqa=True), q64, k64, v64,
+                              dout.cpu())
+        assert_close(out, oracle, name=f"out (causal={causal}, window={window})")
+        for name, g, og in zip(("dq", "dk", "dv"), grads, ograds):
+            assert_close(g, og, name=f"{name} (causal={causal}, window={window})")
 
 
 def _small(device, interp):
