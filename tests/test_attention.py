@@ -297,7 +297,7 @@ def test_attention_matches_fp64(bd, dtype, case):
 # / (layer + 1) with scale_attn_by_inverse_layer_idx, Gemma's query_pre_attn_scalar). 1/sqrt(32) = 0.177 is the
 # default here: a kernel that ignores scale is off by a factor of 0.3 to 5.6 in the scores.
 SCALES = [0.05, 0.5, 1.0]
-SCALE_CASES = [C(1, 2, 2, 17, 33, 32), C(1, 4, 2, 33, 17, 32, True), C(1, 2, 2, 33, 33, 32, window=5, mask="float")]
+SCALE_CASES = [C(1, 4, 2, 17, 33, 32), C(1, 2, 2, 33, 33, 32, True, window=5, mask="float")]
 
 
 def _scale_matrix():
