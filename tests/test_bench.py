@@ -221,3 +221,64 @@ def test_pytest_benchmark_files_run_and_are_not_collected_by_default():
     assert " passed" in r.stdout
     # Plain `pytest` from the root collects tests/ only: the microbenchmarks stay opt-in.
     assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()
+
+
+# ------------------------------------------------------------------------------------- flags and their effect
+SMALL = [*TINY, "--ops", "layernorm", "--mode", "fwd", "--providers", "eager,gptkernels-cpu"]
+
+
+def _bench(tmp_path, name, *argv):
+    out = tmp_path / name
+    rc = bench.main([*SMALL, "--out", str(out), *argv])
+    res = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
+    return rc, out, res
+
+
+def test_seed_fixes_the_inputs_and_plot_writes_pngs(tmp_path):
+    rc, out, a = _bench(tmp_path, "a", "--seed", "123", "--device", "cpu")
+    assert rc == 0 and a["config"]["seed"] == 123
+    assert a["env"]["device"] == "cpu" and a["config"]["device"] == "cpu"
+    assert not list(out.glob("*.png")), "no --plot: no PNG"
+    _, _, b = _bench(tmp_path, "b", "--seed", "123")
+    _, _, c = _bench(tmp_path, "c", "--seed", "124")
+
+    def errs(res):
+        return {(r["op"], r["provider"], r["shape"]): r["err"] for r in res["rows"] if r["status"] == "ok"}
+
+    assert errs(a) and errs(a) == errs(b), "same seed: the same inputs, so the same errors to the last bit"
+    assert errs(a) != errs(c)
+    pytest.importorskip("matplotlib")
+    _, out, _ = _bench(tmp_path, "p", "--seed", "1", "--plot")
+    assert [p.name for p in out.glob("*.png")] == ["layernorm.png"]
+    _, out, _ = _bench(tmp_path, "q", "--seed", "1", "--plot", "combined")
+    assert [p.name for p in out.glob("*.png")] == ["bench.png"]
+
+
+def test_time_budget_skips_what_it_cannot_start(tmp_path):
+    # The budget counts from the start of the run (the roofline probes included), so 0 s starts no problem.
+    rc, _, res = _bench(tmp_path, "t", "--time-budget", "0", "--shapes", "tiny,gpt2")
+    assert rc == 0 and res["config"]["time_budget_s"] == 0
+    assert {r["preset"] for r in res["rows"]} == {"tiny", "gpt2"}
+    assert all(r["status"] == "skipped" and "time budget of 0 s used up" in r["reason"] for r in res["rows"])
+    _, _, res = _bench(tmp_path, "u", "--time-budget", "600")
+    assert res["rows"] and not any(r["status"] == "skipped" for r in res["rows"] if r["provider"] != "compile")
+
+
+def test_no_compile_and_device_flags(tmp_path, capsys):
+    _, _, res = _bench(tmp_path, "n", "--no-compile", "--providers", "eager,compile")
+    compile_rows = [r for r in res["rows"] if r["provider"] == "compile"]
+    assert compile_rows and all(r["status"] == "skipped" and "--no-compile" in r["reason"] for r in compile_rows)
+    if not __import__("torch").cuda.is_available():
+        assert bench.main([*SMALL, "--device", "cuda", "--out", str(tmp_path / "d")]) == 2
+        assert "--device cuda but torch sees no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "d").exists()
+
+
+def test_list_prints_the_catalogue_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in OPS:
+        assert f"  {name}" in out
+    assert "providers:" in out and "shape presets:" in out and "gpt2" in out
+    assert not list(tmp_path.iterdir()), "--list writes nothing"

@@ -161,3 +161,34 @@ def test_cli_hf_prompt_ids(capsys, hf_folder):
     assert ids == want[0].tolist()
     rc, _, err = _run(capsys, "--hf", str(hf_folder), "--prompt", "text")
     assert rc == 2 and "--prompt-ids" in err
+
+
+def test_cli_no_cache_reruns_the_context_and_gives_the_same_text(capsys):
+    from gptkernels import _dispatch
+
+    texts = {}
+    for flag in ([], ["--no-cache"]):
+        _dispatch._LAST.pop("decode_attention", None)
+        rc, out, err = _run(capsys, "--model", "tiny", "--prompt", "abc", "--max-new-tokens", "6", "--temperature",
+                            "0", "--backend", "cpu", *flag)
+        assert rc == 0, err
+        ran_decode = _dispatch.last("decode_attention") is not None
+        assert ran_decode == (not flag), "decode_attention runs only with the KV cache"
+        assert ("no cache" if flag else "KV cache") in out.strip().splitlines()[-1]
+        texts[bool(flag)] = out.strip().splitlines()[0]
+    assert texts[True] == texts[False], "greedy: the cache changes nothing but speed"
+
+
+def test_cli_dtype_runs_the_model_in_that_dtype(capsys, monkeypatch):
+    seen = []
+    real = GPT.generate
+
+    def spy(self, *a, **kw):
+        seen.append(next(self.parameters()).dtype)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(GPT, "generate", spy)
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        rc, out, err = _run(capsys, "--model", "tiny", "--prompt", "abc", "--max-new-tokens", "4", "--dtype", name)
+        assert rc == 0, err
+        assert seen[-1] == dtype and f"cpu {str(dtype)[6:]}" in out.strip().splitlines()[-1]

@@ -22,8 +22,8 @@ def test_import_gptkernels_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def config(arch):
-    common = dict(vocab_size=97, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+def config(arch, **extra):
+    common = dict(vocab_size=97, bos_token_id=0, eos_token_id=0, pad_token_id=0, **extra)
     if arch == "gpt2":
         return transformers.GPT2Config(n_positions=32, n_embd=48, n_layer=2, n_head=4, attn_pdrop=0.0,
                                        resid_pdrop=0.0, embd_pdrop=0.0, **common)
@@ -31,11 +31,12 @@ def config(arch):
                                     num_key_value_heads=2, max_position_embeddings=32, **common)
 
 
-def pair(arch, reference="eager"):
+def pair(arch, reference="eager", **extra):
     """(reference model, gptkernels model) with the same weights, both in eval mode."""
     hf.register()
-    eager = transformers.AutoModelForCausalLM.from_config(config(arch), attn_implementation=reference).eval()
-    ours = transformers.AutoModelForCausalLM.from_config(config(arch), attn_implementation="gptkernels").eval()
+    eager = transformers.AutoModelForCausalLM.from_config(config(arch, **extra), attn_implementation=reference).eval()
+    ours = transformers.AutoModelForCausalLM.from_config(config(arch, **extra),
+                                                         attn_implementation="gptkernels").eval()
     ours.load_state_dict(eager.state_dict())
     assert ours.config._attn_implementation == "gptkernels"
     return eager, ours
@@ -93,6 +94,35 @@ def test_generate_with_cache_matches_eager(arch):
     assert torch.equal(out.sequences, ref.sequences)
     for step, (lo, lr) in enumerate(zip(out.logits, ref.logits)):
         assert_close(lo, lr, name=f"logits of generated token {step}", fp32_bound=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [None, 1.0, 0.05, 0.6])
+def test_attention_forward_passes_scaling(scaling):
+    # HF hands every attention function its module's `scaling`; the default 1/sqrt(D) is only one value of it.
+    class M(torch.nn.Module):
+        is_causal = True
+
+    q = torch.randn(2, 4, 9, 16) * 2
+    k, v = torch.randn(2, 2, 9, 16) * 2, torch.randn(2, 2, 9, 16)
+    out, _ = hf.attention_forward(M(), q, k, v, None, scaling=scaling)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
+                                                           scale=scaling, enable_gqa=True)
+    assert gptkernels.last("scaled_dot_product_attention")[0] == "cpu"
+    assert_close(out, ref.transpose(1, 2), name=f"out, scaling={scaling}")
+
+
+@pytest.mark.parametrize("variant", [dict(scale_attn_weights=False), dict(scale_attn_by_inverse_layer_idx=True)],
+                         ids=["unscaled", "inverse-layer-idx"])
+def test_gpt2_nondefault_scaling_matches_eager(variant):
+    # GPT-2's module scaling: 1.0 without scale_attn_weights; 1/sqrt(D) / (layer + 1) with
+    # scale_attn_by_inverse_layer_idx (layer 1 attends at half the default scale).
+    eager, ours = pair("gpt2", **variant)
+    scalings = {m.scaling for m in ours.modules() if hasattr(m, "scaling")}
+    assert scalings and scalings != {(48 // 4) ** -0.5}, scalings  # not (only) the default 1/sqrt(head_dim)
+    ids = torch.randint(1, 97, (2, 12))
+    ref = eager.double()(ids).logits
+    out = ours(ids).logits
+    assert_close(out, ref, name=f"logits ({variant})")
 
 
 def test_unsupported_kwargs_raise():

@@ -212,3 +212,41 @@ def test_torch_compile_fullgraph(backend):
     assert_close(out, ref, name="compiled out")
     for g, rg in zip(grads, ref_grads):
         assert_close(g, rg, name="compiled grad")
+
+
+@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_matches_pytorch_norms_in_fp64(bd, rms):
+    # Independent oracles: F.layer_norm / F.rms_norm in fp64 on h = x + residual (layer_norm_ref's RMSNorm is our own
+    # formula), for the reference and straight for each backend in fp32, outputs and every gradient.
+    backend, device = bd
+    shape, eps = (5, 97), 1e-5
+    x, w, b, r = _inputs(shape, torch.float32, device, residual=True, bias=True, rms=rms)
+    dy = torch.randn(shape, dtype=torch.float64, device=device)
+    dh = torch.randn(shape, dtype=torch.float64, device=device)
+
+    def oracle(x, w, b, r, eps, rms):
+        h = x + r
+        y = F.rms_norm(h, (h.shape[-1],), w, eps) if rms else F.layer_norm(h, (h.shape[-1],), w, b, eps)
+        return y, h
+
+    def ours(x, w, b, r, eps, rms):
+        if rms:
+            return gptkernels.rms_norm(x, w, eps, residual=r, backend=backend)
+        return gptkernels.layer_norm(x, w, b, eps, residual=r, backend=backend)
+
+    def to64(t):
+        return t.detach().double().cpu().requires_grad_() if t is not None else None
+
+    args64 = [to64(t) for t in (x, w, b, r)]
+    y_o, h_o, g_o = _run(oracle, *args64, eps, rms, dy.cpu(), dh.cpu())
+    y_r, h_r, g_r = _run(lambda *a: layer_norm_ref(a[0], a[1], a[2], a[4], a[3], a[5]), *args64, eps, rms, dy.cpu(),
+                         dh.cpu())
+    torch.testing.assert_close(y_r, y_o, rtol=1e-12, atol=1e-12)
+    for g, go in zip(g_r, g_o):
+        torch.testing.assert_close(g, go, rtol=1e-10, atol=1e-12)
+    y, h, grads = _run(ours, x, w, b, r, eps, rms, dy, dh)
+    assert_close(y, y_o, name="y vs F." + ("rms_norm" if rms else "layer_norm"))
+    assert_close(h, h_o, name="h")
+    for name, g, go in zip(("dx", "dweight", "dbias", "dresidual"), grads, g_o):
+        assert_close(g, go, name=name)

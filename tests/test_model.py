@@ -115,8 +115,23 @@ def test_autocast_bf16_runs_in_bf16():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
-    ref, _ = model(idx)
-    assert (logits.float() - ref).abs().max() < 0.1 * ref.abs().max()  # bf16 roundings, not a different model
+    # The 16-bit rule, with the same model on the torch backend (eager PyTorch) under the same autocast as the
+    # yardstick and the model in float64 as the reference: logits, loss and every parameter gradient.
+    eager = GPT(TINY, backend="torch")
+    eager.load_state_dict(model.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        elogits, eloss = eager(idx, idx)
+    eloss.backward()
+    ref64 = copy.deepcopy(eager).double()
+    ref64.zero_grad()
+    rlogits, rloss = ref64(idx, idx)
+    rloss.backward()
+    bf16 = torch.bfloat16
+    assert_close(logits, rlogits, elogits, "autocast logits", dtype=bf16)
+    assert_close(loss, rloss, eloss, "autocast loss", dtype=bf16)
+    rparams, eparams = dict(ref64.named_parameters()), dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close(p.grad, rparams[name].grad, eparams[name].grad, f"autocast grad {name}", dtype=bf16)
 
 
 def test_compile_fullgraph_train_step():

@@ -135,3 +135,65 @@ def test_profile_hf_folder(tmp_path):
         _check_row(row, 8)
     with pytest.raises(prof.ProfileError, match="config.json"):
         prof.profile(providers=["eager"], device="cpu", hf=tmp_path / "missing", **SMALL)
+
+
+def _cli_json(capsys, tmp_path, *argv):
+    out = tmp_path / "p.json"
+    rc = prof.main(["--model", "tiny", "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--device", "cpu",
+                    "--providers", "eager,gptkernels", "--json", str(out), *argv])
+    _, err = capsys.readouterr()
+    return rc, err, (json.loads(out.read_text()) if rc == 0 else None)
+
+
+def test_cli_block_size_fits_a_longer_run(capsys, tmp_path):
+    from gptkernels.model import GPTConfig
+
+    block = GPTConfig.preset("tiny").block_size
+    argv = ["--prompt-len", str(block), "--new-tokens", "3"]
+    rc, err, _ = _cli_json(capsys, tmp_path, *argv)
+    assert rc == 2 and "block_size" in err
+    rc, err, res = _cli_json(capsys, tmp_path, *argv, "--block-size", str(block + 3))
+    assert rc == 0, err
+    assert all(len(r["tokens"]) == 3 for r in res["rows"])
+
+
+def test_cli_warmup_runs_untimed_generations(capsys, tmp_path, monkeypatch):
+    runs = []
+    real = prof._Runner.run
+
+    def spy(self, *a, **kw):
+        runs.append(self.name)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(prof._Runner, "run", spy)
+    counts = {}
+    for w in (0, 2):
+        runs.clear()
+        rc, err, res = _cli_json(capsys, tmp_path, "--warmup", str(w))
+        assert rc == 0, err
+        assert res["warmup_runs"] == w
+        counts[w] = len(runs)
+    assert counts[2] - counts[0] == 2 * 2, "two more untimed runs for each of the two providers"
+
+
+def test_cli_seed_sets_weights_and_prompt(capsys, tmp_path, monkeypatch):
+    seen = []
+    real = prof._Runner.run
+
+    def spy(self, prompt, *a, **kw):  # the prompt and the first weight each provider runs with
+        seen.append((prompt.clone(), next(self.model.parameters()).detach().clone()))
+        return real(self, prompt, *a, **kw)
+
+    monkeypatch.setattr(prof._Runner, "run", spy)
+    runs = {}
+    for key, seed in (("a", 1), ("b", 1), ("c", 2)):
+        seen.clear()
+        rc, err, res = _cli_json(capsys, tmp_path, "--seed", str(seed))
+        assert rc == 0, err
+        assert res["weights"] == f"random init (seed {seed})"
+        runs[key] = (seen[0], res["rows"][0]["tokens"])
+    (pa, wa), ta = runs["a"]
+    (pb, wb), tb = runs["b"]
+    (pc, wc), _ = runs["c"]
+    assert torch.equal(pa, pb) and torch.equal(wa, wb) and ta == tb, "same seed: same prompt, weights, tokens"
+    assert not torch.equal(pa, pc) and not torch.equal(wa, wc), "another seed: another prompt and weights"

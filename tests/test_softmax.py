@@ -334,3 +334,48 @@ def test_torch_compile_fullgraph(backend):
     assert_close(out, ref, name="compiled out")
     for g, rg in zip(grads, ref_grads):
         assert_close(g, rg, name="compiled grad")
+
+
+def _oracle_softmax(x, scale, causal, mask):
+    """torch.softmax in x's dtype on x * scale + mask, the causal limit built from triu here (softmax_ref uses tril);
+    fully masked rows are zeros (torch.softmax: NaN), as the op defines them."""
+    z = x * scale
+    if mask is not None:
+        z = z + (torch.zeros(mask.shape, dtype=x.dtype).masked_fill(~mask, NEG_INF) if mask.dtype == torch.bool
+                 else mask)
+    if causal:
+        t, n = z.shape[-2:]
+        z = z + torch.zeros(t, n, dtype=x.dtype).masked_fill(torch.ones(t, n, dtype=torch.bool).triu(1), NEG_INF)
+    dead = torch.isneginf(z).all(-1, keepdim=True)
+    return torch.softmax(torch.where(dead, 0.0, z), -1) * ~dead  # not nan_to_num: its backward passes NaN
+
+
+@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("kind", ["plain", "causal-wide", "causal-tall", "bool", "float"])
+def test_matches_torch_softmax_in_fp64(bd, kind):
+    # Independent oracle: torch.softmax in fp64, for the reference and straight for each backend in fp32.
+    backend, device = bd
+    shape = {"causal-wide": (2, 3, 8, 24), "causal-tall": (2, 3, 24, 8)}.get(kind, (2, 3, 12, 40))
+    causal = kind.startswith("causal")
+    mask = None
+    if kind == "bool":
+        mask = torch.rand(shape[-2:]) > 0.3
+        mask[1] = False  # one fully masked row
+    elif kind == "float":
+        mask = (2 * torch.randn(shape[-3:])).requires_grad_()
+    x = (2 * torch.randn(shape)).requires_grad_()
+    dy = torch.randn(shape, dtype=torch.float64)
+    x64 = x.detach().double().requires_grad_()
+    m64 = mask.detach().double().requires_grad_() if mask is not None and mask.is_floating_point() else mask
+    y_o, g_o = _run(lambda a, m: _oracle_softmax(a, SCALE, causal, m), x64, m64, dy)
+    y_r, g_r = _run(lambda a, m: softmax_ref(a, SCALE, causal, m), x64, m64, dy)
+    torch.testing.assert_close(y_r, y_o, rtol=1e-12, atol=1e-14)
+    for g, go in zip(g_r, g_o):
+        torch.testing.assert_close(g, go, rtol=1e-10, atol=1e-12)
+    xd = x.detach().to(device).requires_grad_()
+    md = mask.detach().to(device).requires_grad_(mask.requires_grad) if mask is not None else None
+    y, grads = _run(lambda a, m: softmax(a, SCALE, causal, m, backend=backend), xd, md, dy.to(device))
+    assert _dispatch.last("softmax")[0] == backend
+    assert_close(y, y_o, name="y vs torch.softmax")
+    for name, g, go in zip(("dx", "dmask"), grads, g_o):
+        assert_close(g, go, name=f"{name} vs torch.softmax")

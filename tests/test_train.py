@@ -226,3 +226,67 @@ def test_cli_runs_and_prints_progress_lines(capsys, tmp_path, text_file):
     out = capsys.readouterr().out
     assert "MFU vs measured CPU matmul peak" in out and "step      2/2 | loss " in out and "done: 2 steps" in out
     assert json.loads(open(tmp_path / "log.jsonl").readline())["kind"] == "start"
+
+
+# ------------------------------------------------------------------------------- flags that change the run
+@pytest.fixture
+def no_peak_probe(monkeypatch):
+    """Skip the ~1 s CPU matmul-peak measurement of each run: these tests do not look at MFU."""
+    monkeypatch.setenv("GPTKERNELS_PEAK_FLOPS", "1e11")
+
+
+@pytest.mark.usefixtures("no_peak_probe")
+def test_grad_clip_clips_every_step_and_zero_disables(tmp_path, text_file, monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):
+        calls.append(max_norm)
+        return real(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    clipped = train(TINY, steps=3, grad_clip=1e-3, data=text_file, out_dir=str(tmp_path / "clip"))
+    assert calls == [1e-3] * 3
+    rows = [r for r in read_log(clipped["log"]) if r["kind"] == "train"]
+    assert all(r["grad_norm"] > 1e-3 for r in rows), "the pre-clip norm is logged; these gradients were clipped"
+    calls.clear()
+    free = train(TINY, steps=3, grad_clip=0.0, data=text_file, out_dir=str(tmp_path / "free"))
+    assert calls == [] and not any("grad_norm" in r for r in read_log(free["log"]))
+    a, b = train_losses(clipped["log"]), train_losses(free["log"])
+    assert a[1] == b[1] and a[3] != b[3], "same first batch and weights; clipping changes the later updates"
+
+
+@pytest.mark.usefixtures("no_peak_probe")
+def test_weight_decay_shrinks_matrices_only(tmp_path, text_file):
+    runs = {wd: load_checkpoint(train(TINY, steps=1, weight_decay=wd, lr=1e-2, data=text_file,
+                                      out_dir=str(tmp_path / str(wd)))["checkpoint"]) for wd in (0.0, 0.5)}
+    groups = runs[0.5]["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.5]
+    m0, m5 = runs[0.0]["model"], runs[0.5]["model"]
+    decayed = [k for k, t in m0.items() if t.dim() >= 2]
+    assert decayed
+    for k, t in m0.items():
+        if t.dim() >= 2:  # one AdamW step from the same weights and gradients: w (1 - lr wd) vs w
+            assert m5[k].norm() < t.norm(), k
+        else:  # biases and LayerNorm gains are not decayed: bit-identical
+            assert torch.equal(m5[k], t), k
+
+
+@pytest.mark.usefixtures("no_peak_probe")
+def test_compile_flag_compiles_the_model(tmp_path, text_file, monkeypatch, capsys):
+    compiled = []
+
+    def fake_compile(model, *a, **kw):  # the real one costs ~30 s on 2 cores; what matters is that it is asked
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    argv = ["--model", "tiny", "--block-size", "32", "--batch-size", "4", "--steps", "1", "--data", text_file,
+            "--eval-steps", "1", "--out-dir", str(tmp_path / "c"), "--device", "cpu", "--no-progress", "--compile"]
+    assert gktrain.main(argv) == 0
+    assert len(compiled) == 1 and isinstance(compiled[0], gptkernels.model.GPT)
+    assert "torch.compile" in capsys.readouterr().out
+    plain = [a for a in argv if a != "--compile"]
+    plain[plain.index(str(tmp_path / "c"))] = str(tmp_path / "n")
+    assert gktrain.main(plain) == 0
+    assert len(compiled) == 1, "no --compile: not compiled"
