@@ -25,6 +25,8 @@ CASES = [C(2, 4, 2, tq, tk, 64, causal) for tq in (1, 2, 3) for tk in (1, 17, 30
     C(1, 8, 2, 3, 300, 64, True),  # G * Tq = 12 > 8: one head per task
     C(1, 8, 1, 1, 300, 64),  # MQA, G = 8 rows in one task
     C(2, 3, 3, 1, 17, 64),  # B * H odd
+    C(1, 4, 2, 2, 1100, 72, mask="float"),  # several 512-key tiles: the online softmax's rescaling
+    C(1, 2, 2, 3, 1100, 64, window=700),  # Tq < Tk, top-left aligned: rows see keys 0..i
     *[C(2, 4, 2, tq, 300, d, mask="float") for tq in (1, 2) for d in (1, 7, 72, 256)],
     *[C(1, 2, 1, 3, 33, d, True) for d in (1, 7, 72, 256)],
     C(2, 4, 2, 2, 300, 64, mask="float2d"),
