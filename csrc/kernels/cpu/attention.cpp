@@ -33,6 +33,13 @@
 #include "../attention_rng.h"
 #include "dtype.h"
 #include "parallel.h"
+#include "vmath.h"
+
+// vmath.h's templates are instantiated here for the AVX2 / AVX-512 vector types (always inlined): GCC's note that
+// passing such vectors by value changes the ABI concerns calls that never exist.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace gptkernels {
 namespace attn_cpu {

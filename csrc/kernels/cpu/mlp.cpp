@@ -11,6 +11,7 @@
 #include "dtype.h"
 #include "isa.h"
 #include "parallel.h"
+#include "vmath.h"
 
 // The fp32 loops carry target_clones: the extension is built for baseline x86-64 (SSE2), and GELU's exp is
 // compute-heavy enough on 2 cores that 4-wide vectors would leave it compute-bound. GCC emits an AVX-512, an AVX2
@@ -26,34 +27,8 @@
 namespace gptkernels {
 namespace {
 
-// exp(x) for the simd loops: std::exp does not vectorize without -ffast-math. 2^k * e^r with k = round(x/ln2)
-// (the 1.5 * 2^23 shifter rounds to nearest and leaves k in the low mantissa bits), r = x - k*ln2 in two parts
-// (Cody-Waite), |r| <= ln2/2, and e^r by its degree-7 Taylor polynomial (truncation r^8/8! < 6e-9).
-// Input clamped to [-87, 88] so 2^k stays a normal float: callers only form 1/(1 + e^x), where the clamp is exact
-// in fp32. Max relative error 1.0e-7 on [-87, 88] (measured against fp64 exp at 10^7 points).
-inline float exp_clamped(float x) {
-  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-  const float shifter = 12582912.f;  // 1.5 * 2^23
-  const float t = x * 1.44269504088896341f + shifter;
-  const float k = t - shifter;
-  int32_t ki;
-  std::memcpy(&ki, &t, sizeof ki);
-  ki -= 0x4B400000;  // the bits of the shifter: what remains is k
-  float r = x - k * 0.693145751953125f;  // ln2 high part, exact in k * ln2_hi for |k| <= 128
-  r = r - k * 1.428606765330187e-06f;    // ln2 low part
-  float p = 1.f / 5040;  // Horner, highest power first
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t sbits = (ki + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &sbits, sizeof scale);
-  return p * scale;
-}
+// exp(x) for the simd loops, clamped to [-87, 88] (vmath.h): callers only form 1/(1 + e^x) and e^(-z^2).
+using vmath::exp_clamped;
 
 inline float sigmoid(float z) { return 1.f / (1.f + exp_clamped(-z)); }
 

@@ -10,6 +10,7 @@
 #include "dtype.h"
 #include "isa.h"
 #include "parallel.h"
+#include "vmath.h"
 
 // The row loops below are plain C++ that GCC vectorizes, but only if it may if-convert the float comparisons of
 // the exp's range check and of the row max: with trapping math (GCC's default) it must not evaluate a
@@ -25,32 +26,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 (x = z - rowmax), branch-free so that it vectorizes; libm's expf does not (no libmvec
-// without -ffast-math). exp(x) = 2^k * exp(r), k = round(x / ln2), r = x - k*ln2 in [-ln2/2, ln2/2] (ln2 split
-// in a 9-bit-exact high part and a low part so k*ln2_hi is exact), exp(r) by its degree-7 Taylor polynomial:
-// truncation error |r|^8/8! <= 5e-9, below fp32 rounding. Max relative error vs fp64 over every float in
-// (-87, 0], measured: 1.0e-7 with separate mul/add, 7.9e-8 with FMA (about 1 ulp). Results below 2^-126
-// (x < -87.3) flush to 0, as do -inf inputs; NaN stays NaN.
-inline __attribute__((always_inline)) float exp_nonpos(float x) {
-  const float xc = x > -87.0f ? x : -87.0f;  // keeps 2^k normal and the int conversion in range
-  float kf = xc * 1.44269504088896341f + 12582912.0f;  // adding 1.5 * 2^23 rounds to an integer...
-  kf = kf - 12582912.0f;                               // ...which subtracting it recovers exactly
-  float r = xc - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (int32_t(kf) + 127) * (1 << 23);  // 2^k: k in [-126, 0]
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof two_k);
-  const float e = p * two_k;
-  return x >= -87.0f ? e : (x == x ? 0.0f : x);
-}
+// exp(x) for x <= 0 (x = z - rowmax): vmath.h's, exp(-inf) = 0 exactly, NaN stays NaN.
+using vmath::exp_nonpos;
 
 // Loads of one element as fp32, written so that GCC inlines and vectorizes them in every ISA clone (dtype.h's
 // half conversion branches).
