@@ -103,36 +103,36 @@ void fwd_impl(const T* x, const T* residual, const float* weight, const float* b
   parallel_for(
       M * N >= kParallelMinWork, M, [&] { return std::vector<float>(staged); },
       [&](std::vector<float>& buf, int64_t i) {
-      const T* xr = x + i * N;
-      const float* row = buf.data();
-      if (residual) {
-        const T* rr = residual + i * N;
-        T* hr = h + i * N;
-        for (int64_t j = 0; j < N; ++j) {
-          const T hv = from_float<T>(to_float(xr[j]) + to_float(rr[j]));  // round like the reference's x + r
-          hr[j] = hv;
-          buf[j] = to_float(hv);
+        const T* xr = x + i * N;
+        const float* row = buf.data();
+        if (residual) {
+          const T* rr = residual + i * N;
+          T* hr = h + i * N;
+          for (int64_t j = 0; j < N; ++j) {
+            const T hv = from_float<T>(to_float(xr[j]) + to_float(rr[j]));  // round like the reference's x + r
+            hr[j] = hv;
+            buf[j] = to_float(hv);
+          }
+        } else if constexpr (kF32) {
+          row = reinterpret_cast<const float*>(xr);
+        } else {
+          for (int64_t j = 0; j < N; ++j) buf[j] = to_float(xr[j]);
         }
-      } else if constexpr (kF32) {
-        row = reinterpret_cast<const float*>(xr);
-      } else {
-        for (int64_t j = 0; j < N; ++j) buf[j] = to_float(xr[j]);
-      }
-      float mu, rs;
-      float* out = kF32 ? reinterpret_cast<float*>(y + i * N) : buf.data();
-      norm_row(row, weight, bias, out, N, eps, rms, &mu, &rs);
-      if (mean && !rms) mean[i] = mu;
-      if (rstd) rstd[i] = rs;
-      if constexpr (!kF32) {
-        T* yr = y + i * N;
-        for (int64_t j = 0; j < N; ++j) yr[j] = from_float<T>(buf[j]);
-      }
+        float mu, rs;
+        float* out = kF32 ? reinterpret_cast<float*>(y + i * N) : buf.data();
+        norm_row(row, weight, bias, out, N, eps, rms, &mu, &rs);
+        if (mean && !rms) mean[i] = mu;
+        if (rstd) rstd[i] = rs;
+        if constexpr (!kF32) {
+          T* yr = y + i * N;
+          for (int64_t j = 0; j < N; ++j) yr[j] = from_float<T>(buf[j]);
+        }
       });
 }
 
 template <typename T>
-void bwd_impl(const T* dy, const T* dh, const T* hin, const float* weight, const float* mean, const float* rstd,
-              T* dx, float* dw, float* db, int64_t M, int64_t N, bool rms) {
+void bwd_impl(const T* dy, const T* dh, const T* hin, const float* weight, const float* mean, const float* rstd, T* dx,
+              float* dw, float* db, int64_t M, int64_t N, bool rms) {
   const int nt = num_threads();
   // Per-thread fp32 partial sums of dw and db, reduced at the end in a fixed order (deterministic for a given
   // thread count).
@@ -189,14 +189,12 @@ void layernorm_bwd_cpu(DType dtype, const void* dy, const void* dh, const void* 
                       weight, mean, rstd, static_cast<float*>(dx), dw, db, M, N, rms);
       break;
     case DType::kFloat16:
-      bwd_impl<half_t>(static_cast<const half_t*>(dy), static_cast<const half_t*>(dh),
-                       static_cast<const half_t*>(hin), weight, mean, rstd, static_cast<half_t*>(dx), dw, db, M, N,
-                       rms);
+      bwd_impl<half_t>(static_cast<const half_t*>(dy), static_cast<const half_t*>(dh), static_cast<const half_t*>(hin),
+                       weight, mean, rstd, static_cast<half_t*>(dx), dw, db, M, N, rms);
       break;
     case DType::kBFloat16:
-      bwd_impl<bf16_t>(static_cast<const bf16_t*>(dy), static_cast<const bf16_t*>(dh),
-                       static_cast<const bf16_t*>(hin), weight, mean, rstd, static_cast<bf16_t*>(dx), dw, db, M, N,
-                       rms);
+      bwd_impl<bf16_t>(static_cast<const bf16_t*>(dy), static_cast<const bf16_t*>(dh), static_cast<const bf16_t*>(hin),
+                       weight, mean, rstd, static_cast<bf16_t*>(dx), dw, db, M, N, rms);
       break;
   }
 }

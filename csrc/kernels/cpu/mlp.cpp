@@ -100,7 +100,7 @@ GPTKERNELS_ISA_CLONES void fwd_row(const float* x, const float* b, float* y, int
 // because a conditional store inside the loop kept GCC from vectorizing the AVX2 and SSE2 copies.
 template <Act A, bool WY, bool WACC>
 GPTKERNELS_ISA_CLONES void bwd_row_t(const float* dy, const float* x, const float* b, float* dx, float* y, float* acc,
-                           int64_t n) {
+                                     int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float yv;
@@ -114,10 +114,14 @@ GPTKERNELS_ISA_CLONES void bwd_row_t(const float* dy, const float* x, const floa
 // b must be non-null here: the callers pass a zero row when there is no bias (N floats, negligible).
 template <Act A>
 void bwd_row(const float* dy, const float* x, const float* b, float* dx, float* y, float* acc, int64_t n) {
-  if (y && acc) bwd_row_t<A, true, true>(dy, x, b, dx, y, acc, n);
-  else if (y) bwd_row_t<A, true, false>(dy, x, b, dx, y, acc, n);
-  else if (acc) bwd_row_t<A, false, true>(dy, x, b, dx, y, acc, n);
-  else bwd_row_t<A, false, false>(dy, x, b, dx, y, acc, n);
+  if (y && acc)
+    bwd_row_t<A, true, true>(dy, x, b, dx, y, acc, n);
+  else if (y)
+    bwd_row_t<A, true, false>(dy, x, b, dx, y, acc, n);
+  else if (acc)
+    bwd_row_t<A, false, true>(dy, x, b, dx, y, acc, n);
+  else
+    bwd_row_t<A, false, false>(dy, x, b, dx, y, acc, n);
 }
 
 GPTKERNELS_ISA_CLONES void silu_mul_fwd_f32(const float* g, const float* u, float* p, int64_t n) {
@@ -126,8 +130,8 @@ GPTKERNELS_ISA_CLONES void silu_mul_fwd_f32(const float* g, const float* u, floa
 }
 
 template <bool WP>
-GPTKERNELS_ISA_CLONES void silu_mul_bwd_t(const float* dp, const float* g, const float* u, float* dg, float* du, float* p,
-                                int64_t n) {
+GPTKERNELS_ISA_CLONES void silu_mul_bwd_t(const float* dp, const float* g, const float* u, float* dg, float* du,
+                                          float* p, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float s = sigmoid(g[j]);
@@ -139,8 +143,10 @@ GPTKERNELS_ISA_CLONES void silu_mul_bwd_t(const float* dp, const float* g, const
 }
 
 void silu_mul_bwd_f32(const float* dp, const float* g, const float* u, float* dg, float* du, float* p, int64_t n) {
-  if (p) silu_mul_bwd_t<true>(dp, g, u, dg, du, p, n);
-  else silu_mul_bwd_t<false>(dp, g, u, dg, du, p, n);
+  if (p)
+    silu_mul_bwd_t<true>(dp, g, u, dg, du, p, n);
+  else
+    silu_mul_bwd_t<false>(dp, g, u, dg, du, p, n);
 }
 
 // ---- dtype adapters: 16-bit rows are staged through fp32 buffers so the loops above run on floats.
@@ -257,15 +263,27 @@ template <typename F>
 void dispatch(DType dt, Act act, F&& f) {
   auto with_act = [&](auto tag) {
     switch (act) {
-      case Act::kGeluTanh: f(tag, std::integral_constant<Act, Act::kGeluTanh>{}); break;
-      case Act::kGeluErf: f(tag, std::integral_constant<Act, Act::kGeluErf>{}); break;
-      case Act::kRelu: f(tag, std::integral_constant<Act, Act::kRelu>{}); break;
+      case Act::kGeluTanh:
+        f(tag, std::integral_constant<Act, Act::kGeluTanh>{});
+        break;
+      case Act::kGeluErf:
+        f(tag, std::integral_constant<Act, Act::kGeluErf>{});
+        break;
+      case Act::kRelu:
+        f(tag, std::integral_constant<Act, Act::kRelu>{});
+        break;
     }
   };
   switch (dt) {
-    case DType::kFloat32: with_act(float{}); break;
-    case DType::kFloat16: with_act(half_t{}); break;
-    case DType::kBFloat16: with_act(bf16_t{}); break;
+    case DType::kFloat32:
+      with_act(float{});
+      break;
+    case DType::kFloat16:
+      with_act(half_t{});
+      break;
+    case DType::kBFloat16:
+      with_act(bf16_t{});
+      break;
   }
 }
 
@@ -278,12 +296,12 @@ void bias_gelu_fwd_cpu(DType dtype, Act act, const void* x, const float* bias, v
   });
 }
 
-void bias_gelu_bwd_cpu(DType dtype, Act act, const void* dy, const void* x, const float* bias, void* dx,
-                       float* dbias, void* y, int64_t M, int64_t N) {
+void bias_gelu_bwd_cpu(DType dtype, Act act, const void* dy, const void* x, const float* bias, void* dx, float* dbias,
+                       void* y, int64_t M, int64_t N) {
   dispatch(dtype, act, [&](auto tag, auto a) {
     using T = decltype(tag);
-    bias_bwd_impl<T, decltype(a)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), bias,
-                                         static_cast<T*>(dx), dbias, static_cast<T*>(y), M, N);
+    bias_bwd_impl<T, decltype(a)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), bias, static_cast<T*>(dx),
+                                         dbias, static_cast<T*>(y), M, N);
   });
 }
 
@@ -298,8 +316,8 @@ void silu_mul_bwd_cpu(DType dtype, const void* dp, const void* g, const void* u,
                       int64_t numel) {
   dispatch(dtype, Act::kGeluTanh, [&](auto tag, auto) {
     using T = decltype(tag);
-    silu_bwd_impl<T>(static_cast<const T*>(dp), static_cast<const T*>(g), static_cast<const T*>(u),
-                     static_cast<T*>(dg), static_cast<T*>(du), static_cast<T*>(p), numel);
+    silu_bwd_impl<T>(static_cast<const T*>(dp), static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(dg),
+                     static_cast<T*>(du), static_cast<T*>(p), numel);
   });
 }
 

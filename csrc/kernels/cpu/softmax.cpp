@@ -20,7 +20,6 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-
 namespace gptkernels {
 namespace {
 
@@ -182,7 +181,6 @@ GPTKERNELS_ISA_CLONES void bwd_row(const T* __restrict y, const T* __restrict dy
   }
 }
 
-
 template <typename T>
 void fwd_impl(const T* x, int64_t stride_xm, T* y, const float* mask, int64_t B, int64_t H, int64_t T_, int64_t N,
               int64_t smb, int64_t smh, int64_t smt, int64_t smn, float scale, bool causal) {
@@ -194,35 +192,35 @@ void fwd_impl(const T* x, int64_t stride_xm, T* y, const float* mask, int64_t B,
       M * N >= kParallelMinWork, M,
       [&] { return std::vector<float>(kF32 ? 0 : static_cast<size_t>(N)); },  // 16-bit: the fp32 row of exps
       [&](std::vector<float>& buf, int64_t r) {
-      const int64_t t = r % T_;
-      const int64_t n = causal ? std::min(N, t + 1) : N;  // the live columns; the rest is exactly 0
-      const float* mrow = nullptr;
-      float add = 0.f;
-      if (mask) {
-        const int64_t bh = r / T_;
-        const float* m = mask + (bh / H) * smb + (bh % H) * smh + t * smt;
-        if (smn == 0) {
-          add = m[0];
-        } else {
-          mrow = m;
+        const int64_t t = r % T_;
+        const int64_t n = causal ? std::min(N, t + 1) : N;  // the live columns; the rest is exactly 0
+        const float* mrow = nullptr;
+        float add = 0.f;
+        if (mask) {
+          const int64_t bh = r / T_;
+          const float* m = mask + (bh / H) * smb + (bh % H) * smh + t * smt;
+          if (smn == 0) {
+            add = m[0];
+          } else {
+            mrow = m;
+          }
         }
-      }
-      const T* xr = x + r * stride_xm;
-      T* yr = y + r * N;
-      const float mx = logits_max<T>(xr, mrow, add, scale, n);
-      // A fully masked row (max -inf) would give logit - max = NaN; shifting by 0 gives exp(-inf) = 0, sum 0.
-      const float shift = mx == kNegInf ? 0.f : mx;
-      // fp32: the exps go straight into y and are scaled in place; 16-bit: into the fp32 row buffer.
-      float* e = buf.data();
-      if constexpr (kF32) e = yr;
-      const float s = logits_exp_sum<T>(xr, mrow, add, scale, shift, e, n);
-      const float inv = s > 0.f ? 1.0f / s : 0.f;
-      if constexpr (kF32) {
-        scale_inplace(yr, inv, n);
-      } else {
-        store_scaled<T>(e, inv, yr, n);
-      }
-      std::fill(yr + n, yr + N, store_f32<T>(0.f));
+        const T* xr = x + r * stride_xm;
+        T* yr = y + r * N;
+        const float mx = logits_max<T>(xr, mrow, add, scale, n);
+        // A fully masked row (max -inf) would give logit - max = NaN; shifting by 0 gives exp(-inf) = 0, sum 0.
+        const float shift = mx == kNegInf ? 0.f : mx;
+        // fp32: the exps go straight into y and are scaled in place; 16-bit: into the fp32 row buffer.
+        float* e = buf.data();
+        if constexpr (kF32) e = yr;
+        const float s = logits_exp_sum<T>(xr, mrow, add, scale, shift, e, n);
+        const float inv = s > 0.f ? 1.0f / s : 0.f;
+        if constexpr (kF32) {
+          scale_inplace(yr, inv, n);
+        } else {
+          store_scaled<T>(e, inv, yr, n);
+        }
+        std::fill(yr + n, yr + N, store_f32<T>(0.f));
       });
 }
 
@@ -238,13 +236,13 @@ void bwd_impl(const T* y, const T* dy, int64_t stride_dym, T* dx, float* dz, int
 
 }  // namespace
 
-void softmax_fwd_cpu(DType dtype, const void* x, int64_t stride_xm, void* y, const float* mask, int64_t B,
-                     int64_t H, int64_t T, int64_t N, int64_t smb, int64_t smh, int64_t smt, int64_t smn, float scale,
+void softmax_fwd_cpu(DType dtype, const void* x, int64_t stride_xm, void* y, const float* mask, int64_t B, int64_t H,
+                     int64_t T, int64_t N, int64_t smb, int64_t smh, int64_t smt, int64_t smn, float scale,
                      bool causal) {
   switch (dtype) {
     case DType::kFloat32:
-      fwd_impl<float>(static_cast<const float*>(x), stride_xm, static_cast<float*>(y), mask, B, H, T, N, smb, smh,
-                      smt, smn, scale, causal);
+      fwd_impl<float>(static_cast<const float*>(x), stride_xm, static_cast<float*>(y), mask, B, H, T, N, smb, smh, smt,
+                      smn, scale, causal);
       break;
     case DType::kFloat16:
       fwd_impl<half_t>(static_cast<const half_t*>(x), stride_xm, static_cast<half_t*>(y), mask, B, H, T, N, smb, smh,
