@@ -373,6 +373,11 @@ def test_hf_patch_verify_unpatch(hf, arch):
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_hf_patch_after_to_bf16(hf, backend):
+    # A fixed seed: this checks that patching after .to(bf16) swaps every module and stays close to the reference.
+    # Whole-model bf16 gradients are chaotic: with fresh seeds the 2x-eager max criterion failed on the 48-element
+    # RMSNorm weight gradient about 1 run in 18 (eager lucky, not the kernel wrong). The per-op bf16 tests keep fresh
+    # seeds and the full rule.
+    torch.manual_seed(0)
     ref = tiny_llama(hf).eval()
     model = copy.deepcopy(ref).to(torch.bfloat16)
     report = gptkernels.patch(model, backend=backend)
