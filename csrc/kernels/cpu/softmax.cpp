@@ -10,7 +10,6 @@
 #include "dtype.h"
 #include "isa.h"
 #include "parallel.h"
-#include "vmath.h"
 
 // The row loops below are plain C++ that GCC vectorizes, but only if it may if-convert the float comparisons of
 // the exp's range check and of the row max: with trapping math (GCC's default) it must not evaluate a
@@ -19,6 +18,10 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+
+// After the pragma: vmath.h's exp is inlined into the loops below and must be compiled under the same option,
+// or its clamps stay branches and the loops scalar (measured: GELU fwd 15% slower at 1024x3072).
+#include "vmath.h"  // NOLINT(build/include_order)
 
 namespace gptkernels {
 namespace {
