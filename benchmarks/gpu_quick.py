@@ -3,8 +3,8 @@
     PYTHONPATH=benchmarks python3 -m pytest -p gpu_quick tests/test_layernorm.py -v -rfE
 
 The full GPU matrix (hundreds of cases, fp64 host references at T=4097) does not fit a run of a few minutes that
-must also build and benchmark; this keeps, per test function, a few small and mid-sized cases of one backend, spread over
-the dtypes, so every op is reached. Environment:
+must also build and benchmark; this keeps, per test function, a few small and mid-sized cases of one backend,
+spread over the dtypes, so every op is reached. Environment:
 
     GPTKERNELS_QUICK_BACKEND   cuda (default): gpu-marked cases that are not Triton's. triton: Triton's gpu-marked
                                cases. cpu, triton-interp: the cpu backend's / the Triton interpreter's cases (the

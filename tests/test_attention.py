@@ -332,10 +332,10 @@ def test_reference_matches_pytorch_sdpa_in_fp64(case):
     mask = _mask(mask_kind, B, H, Tq, Tk, "cpu")
     dout = torch.randn(B, H, Tq, D, dtype=torch.float64)
     for scale in (None, 0.6):
-        out, grads = _run(lambda q, k, v: attention_ref(q, k, v, mask, 0.0, causal, scale, window=window), q, k, v,
-                          dout)
+        out, grads = _run(lambda q, k, v, scale=scale: attention_ref(q, k, v, mask, 0.0, causal, scale, window=window),
+                          q, k, v, dout)
         m = _eager_mask(mask, Tq, Tk, causal, window, torch.float64)
-        oracle, ograds = _run(lambda q, k, v: F.scaled_dot_product_attention(
+        oracle, ograds = _run(lambda q, k, v, m=m, scale=scale: F.scaled_dot_product_attention(
             q, k, v, attn_mask=m, scale=scale, enable_gqa=H != Hkv), q, k, v, dout)
         assert not torch.isnan(oracle).any(), "oracle cases see at least one key per row"
         torch.testing.assert_close(out, oracle, rtol=1e-12, atol=1e-12)
@@ -352,12 +352,12 @@ def test_backends_match_pytorch_sdpa(bd):
     q, k, v = _qkv(B, H, Hkv, Tq, Tk, D, torch.float32, device)
     dout = torch.randn(B, H, Tq, D, dtype=torch.float64, device=device)
     for causal, window in ((True, None), (False, 4)):
-        out, grads = _run(lambda q, k, v: sdpa(q, k, v, is_causal=causal, window=window, scale=0.4, enable_gqa=True,
-                                               backend=backend), q, k, v, dout)
+        out, grads = _run(lambda q, k, v, causal=causal, window=window: sdpa(
+            q, k, v, is_causal=causal, window=window, scale=0.4, enable_gqa=True, backend=backend), q, k, v, dout)
         q64, k64, v64 = _cpu64(q, k, v)
         m = _oracle_visible(Tq, Tk, causal, window)
-        oracle, ograds = _run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.4,
-                                                                             enable_gqa=True), q64, k64, v64,
+        oracle, ograds = _run(lambda q, k, v, m=m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.4,
+                                                                                  enable_gqa=True), q64, k64, v64,
                               dout.cpu())
         assert_close(out, oracle, name=f"out (causal={causal}, window={window})")
         for name, g, og in zip(("dq", "dk", "dv"), grads, ograds):

@@ -590,6 +590,8 @@ def test_gemm_path_is_recorded():
     # the cuda backend's cuBLASLt choice is made from shapes alone; each refusal names its reason
     assert "tanh form" in _lt_reason("gelu", 64, 128)
     assert "not a multiple of 8" in _lt_reason("gelu_tanh", 60, 128)
+    assert "float32" in _lt_reason("gelu_tanh", 64, 128, torch.float32)
+    assert "single token" in _lt_reason("gelu_tanh", 64, 1, torch.bfloat16)
 
 
 def test_triton_fused_mlp_bias_residual_grads_3d():
@@ -668,7 +670,10 @@ def test_cublaslt_opcheck_and_path():
     for want in (True, False):
         torch.library.opcheck(ops.mlp_dgelu_lt, (x, w_proj, torch.randn(17, 64, device="cuda"), want))
     p = [w_fc, b_fc, w_proj, torch.randn(24, device="cuda")]
-    fused_mlp(x, *p, backend="cuda")
+    fused_mlp(x, *p, backend="cuda")  # fp32 stays off cuBLASLt (its fp32 epilogue accuracy is undocumented)
+    assert "ATen GEMM" in gptkernels.last("fused_mlp")[1] and "float32" in gptkernels.last("fused_mlp")[1]
+    xb, pb = x.bfloat16(), [t.bfloat16() for t in p]
+    fused_mlp(xb, *pb, backend="cuda")
     assert "cuBLASLt" in gptkernels.last("fused_mlp")[1]
-    fused_mlp(x, *p, activation="gelu", backend="cuda")
+    fused_mlp(xb, *pb, activation="gelu", backend="cuda")
     assert "ATen GEMM" in gptkernels.last("fused_mlp")[1] and "tanh form" in gptkernels.last("fused_mlp")[1]

@@ -3,8 +3,8 @@
 Correctness (HOUSE_STYLE, checked before any timing; a provider that fails is not timed): gptkernels._tolerance.judge,
 the tests' rule, on every output and gradient against the fp64 reference. fp32: ||out - ref|| / ||ref|| <= 1e-5;
 fp16/bf16: max error within 2x eager's (floored at 2 ulps) and relative-norm error within 2x eager's
-+ 2 eps/sqrt(n_eff), eager being the plain PyTorch baseline in the same dtype. NaN never passes. In bwd modes the outputs and every
-gradient are checked, with one shared random upstream grad.
++ 2 eps/sqrt(n_eff), eager being the plain PyTorch baseline in the same dtype. NaN never passes. In bwd modes
+the outputs and every gradient are checked, with one shared random upstream grad.
 
 Timing: CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed before every call, CUDA events),
 quantiles 0.2/0.5/0.8. CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` at the process's thread count,
