@@ -44,10 +44,10 @@ declare -A STEP_S  # seconds per step, for the summary
 step_start() { STEP_T=$(date +%s); echo; echo "== $1 ($(now) s elapsed, $(left) s left, $(date -u +%T)Z)"; }
 step_end() { STEP_S[$1]=$(( $(date +%s) - STEP_T )); }
 if [ "$DEV" = cpu ]; then
-  BACKEND=cpu BENCH_DTYPE=float32 MODEL=tiny
+  BACKEND=cpu BENCH_DTYPE=float32 MODEL=tiny OVERHEAD_QUICK=--quick  # CPU GEMVs of 19 MB: full rounds take 30 s
   export GPTKERNELS_CUDA=0 CUDA_VISIBLE_DEVICES=""
 else
-  BACKEND=cuda BENCH_DTYPE=bfloat16 MODEL=gpt2
+  BACKEND=cuda BENCH_DTYPE=bfloat16 MODEL=gpt2 OVERHEAD_QUICK=
 fi
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ mkdir -p "$SCRATCH/overhead"
   echo; echo "## bench --suite overhead"
   # cuda vs eager only: Triton's first calls JIT-compile and autotune (the second script has the Triton rows).
   timeout -k 5 "$(clamp "${OVERHEAD_S:-45}" 15 90)" $PY -m gptkernels bench --suite overhead --device "$DEV" \
-    --providers "eager,gptkernels-$BACKEND" --out "$SCRATCH/overhead" --no-progress
+    --providers "eager,gptkernels-$BACKEND" --out "$SCRATCH/overhead" --no-progress $OVERHEAD_QUICK
   rc=$?
   [ $rc = 2 ] && echo "overhead: this bench has no --suite overhead (usage error, exit 2); step skipped"
   echo "overhead exit $rc"

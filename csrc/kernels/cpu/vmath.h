@@ -71,17 +71,23 @@ GK_VMATH_INLINE F vmax(F a, F b) {
 constexpr float kShifter = 12582912.f;  // 1.5 * 2^23
 constexpr int32_t kShifterBits = 0x4B400000;
 
-// p(r) * 2^k for |r| <= ln2/2 (plus rounding), k (as the shifted float t's bits) in [-126, 127].
+// e^r for |r| <= ln2/2: the degree-7 Taylor polynomial, Horner, highest power first.
 template <class F>
-GK_VMATH_INLINE F exp_core(F r, F t) {
-  F p = splat<F>(1.f / 5040);  // Horner, highest power first
+GK_VMATH_INLINE F exp_poly(F r) {
+  F p = splat<F>(1.f / 5040);
   p = p * r + 1.f / 720;
   p = p * r + 1.f / 120;
   p = p * r + 1.f / 24;
   p = p * r + 1.f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.f;
-  p = p * r + 1.f;
+  return p * r + 1.f;
+}
+
+// p(r) * 2^k for |r| <= ln2/2 (plus rounding), k (as the shifted float t's bits) in [-126, 127].
+template <class F>
+GK_VMATH_INLINE F exp_core(F r, F t) {
+  const F p = exp_poly(r);
   const int_t<F> k = __builtin_bit_cast(int_t<F>, t) - kShifterBits;
   return p * __builtin_bit_cast(F, (k + 127) << 23);
 }
@@ -136,14 +142,7 @@ inline float exp_clamped(float x) {
   ki -= detail::kShifterBits;  // what remains of the shifter's bits is k
   float r = x - k * 0.693145751953125f;
   r = r - k * 1.428606765330187e-06f;
-  float p = 1.f / 5040;
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  const float p = detail::exp_poly(r);
   const int32_t sbits = (ki + 127) << 23;
   float scale;
   std::memcpy(&scale, &sbits, sizeof scale);
@@ -156,14 +155,7 @@ inline float exp_nonpos(float x) {
   const float kf = (xc * 1.44269504088896341f + detail::kShifter) - detail::kShifter;  // round(x / ln2)
   float r = xc - kf * 0.693359375f;
   r = r - kf * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float p = detail::exp_poly(r);
   const int32_t bits = (int32_t(kf) + 127) * (1 << 23);  // 2^k: k in [-126, 0]
   float two_k;
   std::memcpy(&two_k, &bits, sizeof two_k);
