@@ -35,6 +35,9 @@
 #   layernorm_residual and softmax_causal skipped by the 40 s budget) | model 13 s (tiny) | overhead 3 s (exit 2,
 #   logged, moved on) | tests 161 s (75 passed in 6 groups; compile group 41 s) | summary 4 s.
 # With DEADLINE_S=150 the test groups hit their 15 s floors: SIGINT stops pytest, which still prints its summary.
+# Again after the shared prelude (gpu_common.sh) and the overhead suite landed, 2026-12-07: GPU_CHECK_DEVICE=cpu
+# DEADLINE_S=240 BENCH_BUDGET_S=30 PROFILE_S=30 TRAIN_S=30 OVERHEAD_S=30 SMOKE_S=60 -> 130 s, exit 0, all 8 files:
+#   build 6 | smoke 6 | bench 35 | model 13 | overhead 7 (--quick on CPU) | tests 56.
 set -uo pipefail
 DEADLINE_DEFAULT_S=450 SCRATCH_PREFIX=gpu_check
 # shellcheck source=benchmarks/gpu_common.sh
