@@ -2,6 +2,8 @@
 // The torch glue in csrc/ops maps at::ScalarType onto this enum, so kernels never see torch headers.
 #pragma once
 
+#include <cstdint>
+
 namespace gptkernels {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -13,6 +15,36 @@ inline const char* dtype_name(DType t) {
     case DType::kBFloat16: return "bfloat16";
   }
   return "unknown";
+}
+
+// Which keys query row i of a (Tq, Tk) attention problem sees, and what modifies its scores before the softmax.
+// The attention kernels of every backend (CPU, CUDA, Triton) implement exactly this:
+//   pos_i = i + offset                      (offset 0: top-left alignment, as SDPA; Tk - Tq: bottom-right, as
+//                                            FlashAttention, chunked prefill and speculative decoding)
+//   key j is visible iff (left < 0 or j >= pos_i - left) and (right < 0 or j <= pos_i + right) and j < Tk
+//                                           (causal: right = 0; a sliding window of w keys: left = w - 1)
+//   s_ij = scale * <q_i, k_j>
+//   s_ij = softcap * tanh(s_ij / softcap)   if softcap > 0
+//   s_ij -= slope_bh * |pos_i - j|          if alibi (slopes fp32, slope of (b, h) at alibi[b * alibi_sb + h])
+//   s_ij += mask_ij                         if mask; a mask entry of -inf makes key j invisible, whatever s_ij is
+// p_ij = exp(s_ij - lse_i) over the visible keys; an invisible key has p = 0 and no gradient, even when the row's
+// scores are NaN. A row with no visible key gets out = 0, lse = -inf and zero gradients. NaN or inf in a visible
+// score makes that row's out, lse and gradients NaN (the forward never hides a NaN).
+struct AttnSpec {
+  int64_t offset = 0;
+  int64_t left = -1;
+  int64_t right = -1;
+  float softcap = 0.f;
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0;
+};
+
+// The key range [lo, hi) that can be visible to query rows at positions [pos_lo, pos_hi] (Tk clamps it).
+inline void attn_key_range(const AttnSpec& s, int64_t pos_lo, int64_t pos_hi, int64_t Tk, int64_t* lo, int64_t* hi) {
+  int64_t a = s.left < 0 ? 0 : pos_lo - s.left;
+  int64_t b = s.right < 0 ? Tk : pos_hi + s.right + 1;
+  *lo = a < 0 ? 0 : (a > Tk ? Tk : a);
+  *hi = b < *lo ? *lo : (b > Tk ? Tk : b);
 }
 
 }  // namespace gptkernels
