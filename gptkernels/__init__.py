@@ -1,8 +1,14 @@
 """gptkernels: fused Triton, CUDA C++ and C++ CPU kernels for GPT-style transformers."""
 
-from gptkernels._dispatch import BackendUnavailableError, explain, info, last
+from gptkernels._dispatch import ArgumentError, ArgumentTypeError, BackendUnavailableError, explain, info, last
 from gptkernels._version import __version__
-from gptkernels.ops.attention import attention, decode_attention, scaled_dot_product_attention
+from gptkernels.ops.attention import (
+    attention,
+    decode_attention,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    scaled_dot_product_attention,
+)
 from gptkernels.ops.layernorm import layer_norm, rms_norm
 from gptkernels.ops.mlp import bias_gelu, fused_mlp, swiglu
 from gptkernels.ops.softmax import softmax
@@ -10,6 +16,8 @@ from gptkernels.patch import PatchReport, patch, unpatch
 from gptkernels.verify import VerifyReport, verify
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "BackendUnavailableError",
     "PatchReport",
     "VerifyReport",
@@ -18,6 +26,8 @@ __all__ = [
     "bias_gelu",
     "decode_attention",
     "explain",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
     "fused_mlp",
     "info",
     "last",

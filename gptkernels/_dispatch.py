@@ -46,6 +46,15 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call."""
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value or shape. Also a RuntimeError, so code written for torch's ops (which raise
+    RuntimeError) catches it unchanged."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype. Also a RuntimeError, as :class:`ArgumentError`."""
+
+
 def _load_extension():
     return _cached("ext", _import_extension)
 

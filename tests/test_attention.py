@@ -689,8 +689,8 @@ def test_bad_inputs_raise_clear_errors():
         sdpa(q, kv, kv)
     with pytest.raises(ValueError, match="to divide the query head count 4"):
         sdpa(q, torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16), enable_gqa=True)
-    with pytest.raises(ValueError, match="head dim .* must be equal"):
-        sdpa(q, kv, torch.randn(2, 2, 7, 8), enable_gqa=True)
+    with pytest.raises(ValueError, match="query and key must have the same head dim"):
+        sdpa(q, torch.randn(2, 2, 7, 8), kv, enable_gqa=True)
     with pytest.raises(ValueError, match="same heads and sequence length"):
         sdpa(q, kv, torch.randn(2, 2, 6, 16), enable_gqa=True)
     with pytest.raises(ValueError, match="same leading"):
@@ -730,11 +730,13 @@ def test_opcheck(bd):
     k = torch.randn(1, 1, 20, 32, device=device)
     v = torch.randn(1, 1, 20, 32, device=device)
     mask = _mask("float2d", 1, 2, 17, 20, device)[None, None]  # 4-D fp32, broadcast over batch and heads
-    for m, causal, window, p in ((mask, True, -1, 0.2), (None, False, 4, 0.0)):
-        args = (q, k, v, m, 0.25, causal, window, p, 7)
+    alibi = torch.rand(1, 2, device=device)
+    for m, al, left, right, br, cap, p in ((mask, None, -1, 0, False, 0.0, 0.2), (None, alibi, 3, 0, False, 0.0, 0.0),
+                                           (None, alibi, 5, 2, True, 1.5, 0.0)):
+        args = (q, k, v, m, al, 0.25, left, right, br, cap, p, 7)
         out, lse = fwd(*args)
         torch.library.opcheck(fwd, args)
-        torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, out, lse, m, 0.25, causal, window, p, 7))
+        torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, out, lse, m, al, 0.25, left, right, br, cap, p, 7))
     seqlens = torch.tensor([15], dtype=torch.int32, device=device)
     torch.library.opcheck(decode, (q[:, :, :3], k, v, seqlens, 0.25, 0))
 

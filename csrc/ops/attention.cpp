@@ -41,7 +41,8 @@ Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   TORCH_CHECK(k.size(0) == d.B, kn, ": batch ", k.size(0), " must match q's ", d.B);
   TORCH_CHECK(k.size(3) == d.D, kn, ": head dim ", k.size(3), " must match q's ", d.D);
-  TORCH_CHECK(d.Hkv >= 1 && d.H % d.Hkv == 0, "q heads (", d.H, ") must be a multiple of ", kn, " heads (", d.Hkv, ")");
+  TORCH_CHECK((d.H == 0 && d.Hkv == 0) || (d.Hkv >= 1 && d.H % d.Hkv == 0), "q heads (", d.H,
+              ") must be a multiple of ", kn, " heads (", d.Hkv, ")");
   if (q.is_cuda()) {
     TORCH_CHECK(d.D % 8 == 0 && d.D >= 16 && d.D <= 256, "cuda: head_dim ", d.D,
                 " not supported; supported: 16..256 step 8");
@@ -51,9 +52,34 @@ Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   return d;
 }
 
-void check_scalars(int64_t window, double dropout_p) {
-  TORCH_CHECK(window == -1 || window > 0, "window: must be -1 (no window) or > 0, got ", window);
+// The visibility and score modifiers of one call (kernels/common.h's AttnSpec); alibi is (B or 1, H) fp32 slopes.
+struct SpecArg {
+  AttnSpec spec;
+  at::Tensor alibi;  // keeps the storage alive during the call
+};
+
+SpecArg spec_arg(const std::optional<at::Tensor>& alibi, const at::Tensor& q, const Dims& d, int64_t window_left,
+                 int64_t window_right, bool bottom_right, double softcap, double dropout_p) {
+  TORCH_CHECK(window_left >= -1, "window_left: must be >= -1 (-1: no left limit), got ", window_left);
+  TORCH_CHECK(window_right >= -1, "window_right: must be >= -1 (-1: no right limit; 0: causal), got ", window_right);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "softcap: must be finite and >= 0 (0: none), got ", softcap);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
+  SpecArg a;
+  a.spec.offset = bottom_right ? d.Tk - d.Tq : 0;
+  a.spec.left = window_left;
+  a.spec.right = window_right;
+  a.spec.softcap = float(softcap);
+  if (alibi.has_value() && alibi->defined()) {
+    const at::Tensor& t = *alibi;
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "alibi: dtype must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == q.device(), "alibi: must be on ", q.device(), ", got ", t.device());
+    TORCH_CHECK(t.dim() == 2 && (t.size(0) == 1 || t.size(0) == d.B) && t.size(1) == d.H,
+                "alibi: shape must be (B, H) or (1, H) = (", d.B, ", ", d.H, "), got ", t.sizes());
+    a.alibi = t.stride(1) == 1 ? t : t.contiguous();
+    a.spec.alibi = a.alibi.data_ptr<float>();
+    a.spec.alibi_sb = a.alibi.size(0) == 1 ? 0 : a.alibi.stride(0);
+  }
+  return a;
 }
 
 // A tensor the kernels can read as dense rows: contiguous, on purpose (a gradient may arrive with stride 0, a
@@ -110,10 +136,12 @@ void check_cuda_smem(const at::Tensor& q, int64_t D) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                 const std::optional<at::Tensor>& mask, double scale, bool causal,
-                                                 int64_t window, double dropout_p, int64_t seed) {
+                                                 const std::optional<at::Tensor>& mask,
+                                                 const std::optional<at::Tensor>& alibi, double scale,
+                                                 int64_t window_left, int64_t window_right, bool bottom_right,
+                                                 double softcap, double dropout_p, int64_t seed) {
   const Dims d = check_qkv(q_, k_, v_, "k", "v");
-  check_scalars(window, dropout_p);
+  const SpecArg sa = spec_arg(alibi, q_, d, window_left, window_right, bottom_right, softcap, dropout_p);
   const MaskArg m = mask_arg(mask, q_, d);
   const DType dt = to_kernel_dtype(q_.scalar_type(), "q");
   at::Tensor out = at::empty({d.B, d.H, d.Tq, d.D}, q_.options());
@@ -131,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
     check_cuda_smem(q, d.D);
     check_cuda(launch_attention_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), m.ptr, m.sb, m.sh, m.si, m.sj,
                                     out.data_ptr(), lse.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D,
-                                    float(scale), causal, window, float(dropout_p), uint64_t(seed),
+                                    float(scale), sa.spec, float(dropout_p), uint64_t(seed),
                                     c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
                "launch_attention_fwd");
 #else
@@ -139,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
 #endif
   } else {
     attention_fwd_cpu(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), m.ptr, m.sb, m.sh, m.si, m.sj, out.data_ptr(),
-                      lse.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale), causal, window,
+                      lse.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale), sa.spec,
                       float(dropout_p), uint64_t(seed));
   }
   return {out, lse};
@@ -148,11 +176,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout_, const at::Tensor& q_,
                                                              const at::Tensor& k_, const at::Tensor& v_,
                                                              const at::Tensor& out_, const at::Tensor& lse_,
-                                                             const std::optional<at::Tensor>& mask, double scale,
-                                                             bool causal, int64_t window, double dropout_p,
+                                                             const std::optional<at::Tensor>& mask,
+                                                             const std::optional<at::Tensor>& alibi, double scale,
+                                                             int64_t window_left, int64_t window_right,
+                                                             bool bottom_right, double softcap, double dropout_p,
                                                              int64_t seed) {
   const Dims d = check_qkv(q_, k_, v_, "k", "v");
-  check_scalars(window, dropout_p);
+  const SpecArg sa = spec_arg(alibi, q_, d, window_left, window_right, bottom_right, softcap, dropout_p);
   TORCH_CHECK(dout_.sizes() == q_.sizes(), "dout: shape ", dout_.sizes(), " must match q ", q_.sizes());
   TORCH_CHECK(out_.sizes() == q_.sizes(), "out: shape ", out_.sizes(), " must match q ", q_.sizes());
   TORCH_CHECK_TYPE(dout_.scalar_type() == q_.scalar_type() && out_.scalar_type() == q_.scalar_type(),
@@ -185,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
     check_cuda(launch_attention_bwd(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                     lse.data_ptr<float>(), m.ptr, m.sb, m.sh, m.si, m.sj, dq.data_ptr(), dk.data_ptr(),
                                     dv.data_ptr(), ws.data_ptr<float>(), d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale),
-                                    causal, window, float(dropout_p), uint64_t(seed),
+                                    sa.spec, float(dropout_p), uint64_t(seed),
                                     c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
                "launch_attention_bwd");
 #else
@@ -194,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   } else {
     attention_bwd_cpu(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                       lse.data_ptr<float>(), m.ptr, m.sb, m.sh, m.si, m.sj, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                      d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale), causal, window, float(dropout_p), uint64_t(seed));
+                      d.B, d.H, d.Hkv, d.Tq, d.Tk, d.D, float(scale), sa.spec, float(dropout_p), uint64_t(seed));
   }
   return {dq, dk, dv};
 }
@@ -248,25 +278,28 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache_, co
 namespace {
 
 // Autograd of the eager entry: the saves and glue calls of AttentionFunction in gptkernels/ops/attention.py (dropout
-// 0: a call with dropout takes the Python path, which draws the seed). Inputs (q, k, v, mask, scale, causal, window).
+// 0: a call with dropout takes the Python path, which draws the seed; SDPA's top-left alignment, no softcap or
+// ALiBi). Inputs (q, k, v, mask, scale, window_left, window_right).
 struct AttentionFn : public torch::autograd::Function<AttentionFn> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& v,
-                                                const std::optional<at::Tensor>& mask, double scale, bool causal,
-                                                int64_t window) {
-    auto [out, lse] = attention_fwd(q, k, v, mask, scale, causal, window, 0.0, 0);
+                                                const std::optional<at::Tensor>& mask, double scale, int64_t left,
+                                                int64_t right) {
+    auto [out, lse] = attention_fwd(q, k, v, mask, std::nullopt, scale, left, right, false, 0.0, 0.0, 0);
     ctx->save_for_backward({q, k, v, out, lse, mask.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
-    ctx->saved_data["window"] = causal ? window : int64_t(-2);  // -2: not causal
+    ctx->saved_data["left"] = left;
+    ctx->saved_data["right"] = right;
     return {out};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const int64_t w = ctx->saved_data["window"].toInt();
-    auto [dq, dk, dv] = attention_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], opt(s[5]),
-                                      ctx->saved_data["scale"].toDouble(), w != -2, w == -2 ? -1 : w, 0.0, 0);
+    auto [dq, dk, dv] =
+        attention_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], opt(s[5]), std::nullopt,
+                      ctx->saved_data["scale"].toDouble(), ctx->saved_data["left"].toInt(),
+                      ctx->saved_data["right"].toInt(), false, 0.0, 0.0, 0);
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -285,7 +318,8 @@ EagerOut attention_eager(const at::Tensor& query, const at::Tensor& key, const a
   const auto lead = query.sizes().slice(0, nd - 3);
   if (key.sizes().slice(0, nd - 3) != lead || value.sizes().slice(0, nd - 3) != lead) return std::nullopt;
   const int64_t H = query.size(-3), Tq = query.size(-2), D = query.size(-1);
-  if (key.size(-3) != H && !enable_gqa) return std::nullopt;
+  if (key.size(-3) != H && key.size(-3) != 1 && !enable_gqa) return std::nullopt;  // one kv head broadcasts
+  if (key.size(-1) != D || value.size(-1) != D) return std::nullopt;  // Ev != E: the torch backend
   if ((scale && !std::isfinite(*scale)) || (window && *window < 1)) return std::nullopt;
   const bool grad_mode = at::GradMode::is_enabled();
   int64_t B = 1;
@@ -305,13 +339,13 @@ EagerOut attention_eager(const at::Tensor& query, const at::Tensor& key, const a
     m = additive_mask_f32(am.reshape(shape4));
   }
   const double sc = scale ? *scale : 1.0 / std::sqrt(double(D));
-  const bool causal = is_causal || window.has_value();
-  const int64_t win = window ? *window : -1;
+  const int64_t right = is_causal || window.has_value() ? 0 : -1;
+  const int64_t left = window ? *window - 1 : -1;
   at::Tensor out;
   if (grad_mode && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
-    out = AttentionFn::apply(q, k, v, opt(m), sc, causal, win)[0];
+    out = AttentionFn::apply(q, k, v, opt(m), sc, left, right)[0];
   } else {
-    out = std::get<0>(attention_fwd(q, k, v, opt(m), sc, causal, win, 0.0, 0));
+    out = std::get<0>(attention_fwd(q, k, v, opt(m), std::nullopt, sc, left, right, false, 0.0, 0.0, 0));
   }
   return std::vector<at::Tensor>{out.reshape(query.sizes())};
 }
@@ -340,11 +374,12 @@ EagerOut decode_attention_eager(const at::Tensor& q, const at::Tensor& k_cache, 
 
 TORCH_LIBRARY_FRAGMENT(gptkernels, m) {
   m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window, "
-      "float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi, float scale, int window_left, "
+      "int window_right, bool bottom_right, float softcap, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
   m.def(
-      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, float scale, "
-      "bool causal, int window, float dropout_p, int seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, Tensor? alibi, "
+      "float scale, int window_left, int window_right, bool bottom_right, float softcap, float dropout_p, "
+      "int seed) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, "
       "int num_splits) -> Tensor");

@@ -44,27 +44,41 @@ _DECODE_OP = "decode_attention"
 
 
 # ----------------------------------------------------------------------------------------------- reference
-def _visible(tq, tk, causal, window, device):
-    """(Tq, Tk) bool: key j visible to query i under causal / window masking, or None when all are."""
-    if not causal and window is None:
+def _visible(tq, tk, left, right, offset, device):
+    """(Tq, Tk) bool: key j visible to query i (at position i + offset) under the (left, right) window, or None when
+    all are (left, right < 0: unbounded; right 0: causal)."""
+    if left < 0 and right < 0:
         return None
-    i = torch.arange(tq, device=device)[:, None]
+    pos = torch.arange(tq, device=device)[:, None] + offset
     j = torch.arange(tk, device=device)[None, :]
-    vis = j <= i
-    if window is not None:
-        vis &= j > i - window
+    vis = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= j >= pos - left
+    if right >= 0:
+        vis &= j <= pos + right
     return vis
 
 
+def _window(is_causal, window):
+    """SDPA-style (is_causal, window) as (left, right): causal is right 0, window w is left w - 1 (implies causal)."""
+    right = 0 if is_causal or window is not None else -1
+    return (window - 1 if window is not None else -1), right
+
+
 def attention_ref(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                  window=None, dropout_mask=None, return_lse=False):
+                  window=None, dropout_mask=None, return_lse=False, *, window_size=None, bottom_right=False,
+                  softcap=0.0, alibi_slopes=None):
     """Eager PyTorch in fp32 (fp64 for fp64 inputs), materializing the (..., Tq, Tk) scores. Returns out in q.dtype,
     or (out, lse) with return_lse (lse fp32/fp64, (..., H, Tq), -inf on fully masked rows).
 
-    q (..., H, Tq, D); k, v (..., Hkv, Tk, D); kv heads are repeated when Hkv != H (whatever enable_gqa says).
-    window: None or w >= 1 (implies causal). dropout_mask: bool, broadcastable to (..., H, Tq, Tk), True = keep;
-    drawn with torch.rand from the default generator when dropout_p > 0 and it is None. Fully masked rows give
-    zeros (not SDPA's NaN of old versions) and zero gradients. Differentiable in q, k, v (and a float mask).
+    q (..., H, Tq, E); k (..., Hkv, Tk, E); v (..., Hkv, Tk, Ev); kv heads are repeated when Hkv != H (whatever
+    enable_gqa says). is_causal / window (w >= 1, implies causal) are SDPA's; window_size=(left, right) replaces both
+    (-1: unbounded). bottom_right aligns query i with key position i + Tk - Tq (FlashAttention) instead of i. softcap
+    > 0: s = softcap * tanh(s / softcap). alibi_slopes (H,) or (B, H): s -= slope * |pos_i - j|. A -inf mask entry
+    hides its key whatever the score. dropout_mask: bool, broadcastable to (..., H, Tq, Tk), True = keep; drawn with
+    torch.rand from the default generator when dropout_p > 0 and it is None. Fully masked rows give zeros and zero
+    gradients; NaN in a visible score gives NaN (out, lse and the gradients of what that row sees).
+    Differentiable in q, k, v (and a float mask).
     """
     del enable_gqa  # repetition follows the shapes
     # Under autocast the matmuls below run in the autocast dtype, as in any eager PyTorch model: this function is
@@ -76,17 +90,31 @@ def attention_ref(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
         kf, vf = kf.repeat_interleave(rep, dim=-3), vf.repeat_interleave(rep, dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (qf @ kf.transpose(-2, -1)) * scale
+    tq, tk = s.shape[-2], s.shape[-1]
+    offset = tk - tq if bottom_right else 0
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
+    if alibi_slopes is not None:
+        pos = torch.arange(tq, device=s.device)[:, None] + offset
+        dist = (pos - torch.arange(tk, device=s.device)[None, :]).abs().to(dt)
+        slopes = alibi_slopes.to(dt)
+        slopes = slopes[..., None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * dist
     if attn_mask is not None:
-        s = s + _common.additive_mask(attn_mask, dt)
-    vis = _visible(s.shape[-2], s.shape[-1], is_causal, window, s.device)
+        add = _common.additive_mask(attn_mask, dt)
+        s = (s + add).masked_fill(torch.isneginf(add), _NEG_INF)  # a -inf entry hides its key, NaN score or not
+    left, right = window_size if window_size is not None else _window(is_causal, window)
+    vis = _visible(tq, tk, left, right, offset, s.device)
     if vis is not None:
         s = s.masked_fill(~vis, _NEG_INF)
-    # softmax is shift invariant: the max carries no gradient. An all -inf row subtracts 0: exp(-inf) = 0, no NaN.
-    m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
+    # softmax is shift invariant: the max carries no gradient. An all -inf row subtracts 0. Keys at -inf take the
+    # constant branch of the where, so a NaN max (a NaN row) reaches neither their p nor their gradient.
+    hidden = torch.isneginf(s)
+    m = s.amax(-1, keepdim=True).detach() if tk else s.new_zeros(*s.shape[:-1], 1)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    e = torch.exp(s - m)
+    e = torch.exp(torch.where(hidden, torch.full_like(s, _NEG_INF), s - m))
     denom = e.sum(-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     if dropout_p > 0:
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
@@ -94,7 +122,7 @@ def attention_ref(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
     out = (p @ vf).to(q.dtype)
     if not return_lse:
         return out
-    lse = torch.where(denom > 0, torch.log(denom) + m, torch.full_like(m, _NEG_INF)).squeeze(-1)
+    lse = torch.where(denom == 0, torch.full_like(m, _NEG_INF), torch.log(denom) + m).squeeze(-1)
     return out, lse.detach()
 
 
@@ -113,12 +141,13 @@ def decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale=None):
 
 
 # ------------------------------------------------------------------------------------------- registration
-def _fwd_fake(q, k, v, mask, scale, causal, window, dropout_p, seed):
+def _fwd_fake(q, k, v, mask, alibi, scale, window_left, window_right, bottom_right, softcap, dropout_p, seed):
     B, H, Tq, D = q.shape
     return q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
-def _bwd_fake(dout, q, k, v, out, lse, mask, scale, causal, window, dropout_p, seed):
+def _bwd_fake(dout, q, k, v, out, lse, mask, alibi, scale, window_left, window_right, bottom_right, softcap,
+              dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -128,22 +157,25 @@ def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
 
 @_common.triton_op("attention_fwd_triton", _fwd_fake)
 def _attention_fwd_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
-    window: int, dropout_p: float, seed: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, alibi: torch.Tensor | None,
+    scale: float, window_left: int, window_right: int, bottom_right: bool, softcap: float, dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from gptkernels.triton import attention as tl_attn
 
-    return tl_attn.attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, seed)
+    return tl_attn.attention_fwd(q, k, v, mask, alibi, scale, window_left, window_right, bottom_right, softcap,
+                                 dropout_p, seed)
 
 
 @_common.triton_op("attention_bwd_triton", _bwd_fake)
 def _attention_bwd_triton(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    mask: torch.Tensor | None, scale: float, causal: bool, window: int, dropout_p: float, seed: int,
+    mask: torch.Tensor | None, alibi: torch.Tensor | None, scale: float, window_left: int, window_right: int,
+    bottom_right: bool, softcap: float, dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import attention as tl_attn
 
-    return tl_attn.attention_bwd(dout, q, k, v, out, lse, mask, scale, causal, window, dropout_p, seed)
+    return tl_attn.attention_bwd(dout, q, k, v, out, lse, mask, alibi, scale, window_left, window_right, bottom_right,
+                                 softcap, dropout_p, seed)
 
 
 @_common.triton_op("decode_attention_triton", _decode_fake)
@@ -184,13 +216,15 @@ def _auto_order(device):
     return None, None
 
 
-def _supports(dtype, head_dim, device):
+def _supports(dtype, head_dim, device, value_dim=None):
     """supports(backend) -> None or the reason this call cannot run there (the contract's backend limits)."""
 
     def supports(backend):
         why = _dispatch.dtype_support(dtype, backend)
         if why is not None or backend == "torch":
             return why
+        if value_dim is not None and value_dim != head_dim:
+            return f"value head dim {value_dim} != query/key head dim {head_dim}; the kernels need them equal"
         if backend in ("cpu", "cuda") and not _HAS_CPP_OPS:
             return ("this build of gptkernels._C has no attention ops (built before csrc/ops/attention.cpp); "
                     "rebuild with `pip install --no-build-isolation -e .`")
@@ -211,19 +245,24 @@ def _supports(dtype, head_dim, device):
 
 # ----------------------------------------------------------------------------------------------- autograd
 class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale, causal, window, dropout_p, seed, backend):
-        out, lse = _common.kernel_op("attention_fwd", backend)(q, k, v, mask, scale, causal, window, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.args = (scale, causal, window, dropout_p, seed)
-        ctx.backend = backend
-        return out
+    """args: (mask, alibi, scale, window_left, window_right, bottom_right, softcap, dropout_p, seed) of the kernel
+    ops; returns (out, lse), lse not differentiable."""
 
     @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = _common.kernel_op("attention_bwd", ctx.backend)(dout, q, k, v, out, lse, mask, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None
+    def forward(ctx, q, k, v, backend, mask, alibi, *args):
+        out, lse = _common.kernel_op("attention_fwd", backend)(q, k, v, mask, alibi, *args)
+        ctx.save_for_backward(q, k, v, out, lse, mask, alibi)
+        ctx.args = args
+        ctx.backend = backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        del dlse  # lse is returned for inspection (return_attn_probs), not differentiated through
+        q, k, v, out, lse, mask, alibi = ctx.saved_tensors
+        dq, dk, dv = _common.kernel_op("attention_bwd", ctx.backend)(dout, q, k, v, out, lse, mask, alibi, *ctx.args)
+        return (dq, dk, dv) + (None,) * (3 + len(ctx.args))
 
 
 # ------------------------------------------------------------------------------------------------- public
@@ -235,68 +274,101 @@ def _describe(t):
     return f"a tensor of dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _check(fn, q, k, v, attn_mask, dropout_p, scale, enable_gqa, window):
-    for name, t in (("query", q), ("key", k), ("value", v)):
+_Err, _TypeErr = _dispatch.ArgumentError, _dispatch.ArgumentTypeError
+
+
+def _check_qkv(fn, q, k, v, enable_gqa, names=("query", "key", "value"), layout="(..., heads, seq, head_dim)"):
+    for name, t in zip(names, (q, k, v)):
         if not _is_float_tensor(t):
-            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {_describe(t)}")
+            raise _TypeErr(f"{fn}: {name} must be a floating-point tensor, got {_describe(t)}")
         if t.dim() < 3:
-            raise ValueError(f"{fn}: {name} must have at least 3 dims (..., heads, seq, head_dim), got shape "
-                             f"{tuple(t.shape)}")
+            raise _Err(f"{fn}: {name} must have at least 3 dims {layout}, got shape {tuple(t.shape)}")
     if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"{fn}: query, key and value must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise _TypeErr(f"{fn}: {names[0]}, {names[1]} and {names[2]} must have the same dtype, got {q.dtype}, "
+                       f"{k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
-        raise ValueError(f"{fn}: query, key and value must be on the same device, got {q.device}, {k.device}, "
-                         f"{v.device}")
-    if not q.shape[:-3] == k.shape[:-3] == v.shape[:-3]:
-        raise ValueError(f"{fn}: query {tuple(q.shape)}, key {tuple(k.shape)} and value {tuple(v.shape)} must have "
-                         f"the same leading (batch) dims")
-    if k.shape[-3:-1] != v.shape[-3:-1]:
-        raise ValueError(f"{fn}: key {tuple(k.shape)} and value {tuple(v.shape)} must have the same heads and "
-                         f"sequence length")
-    D = q.shape[-1]
-    if D < 1 or not D == k.shape[-1] == v.shape[-1]:
-        raise ValueError(f"{fn}: head dim (last) of query {D}, key {k.shape[-1]} and value {v.shape[-1]} must be "
-                         f"equal and >= 1")
-    H, Hkv = q.shape[-3], k.shape[-3]
-    if H != Hkv:
-        if not enable_gqa:
-            raise ValueError(f"{fn}: query has {H} heads but key/value have {Hkv}; pass enable_gqa=True for "
-                             f"grouped-query attention")
-        if Hkv < 1 or H % Hkv:
-            raise ValueError(f"{fn}: enable_gqa needs the key/value head count {Hkv} to divide the query head "
-                             f"count {H}")
+        raise _Err(f"{fn}: {names[0]}, {names[1]} and {names[2]} must be on the same device, got {q.device}, "
+                   f"{k.device}, {v.device}")
+
+
+def _check_heads(fn, H, Hkv, enable_gqa):
+    """SDPA's head rule: equal, or one kv head (broadcast), or (enable_gqa) Hkv divides H."""
+    if H == Hkv or Hkv == 1:
+        return
+    if not enable_gqa:
+        raise _Err(f"{fn}: query has {H} heads but key/value have {Hkv}; pass enable_gqa=True for grouped-query "
+                   f"attention (or one key/value head, which broadcasts)")
+    if Hkv < 1 or H % Hkv:
+        raise _Err(f"{fn}: enable_gqa needs the key/value head count {Hkv} to divide the query head count {H}")
+
+
+def _check_scalars(fn, dropout_p, scale, scale_name="scale"):
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"{fn}: dropout_p must be a float, got {type(dropout_p).__name__}")
+        raise _TypeErr(f"{fn}: dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise _Err(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
+            raise _TypeErr(f"{fn}: {scale_name} must be a float or None, got {type(scale).__name__}")
         if not math.isfinite(scale):
-            raise ValueError(f"{fn}: scale must be finite, got {scale}")
+            raise _Err(f"{fn}: {scale_name} must be finite, got {scale}")
+
+
+def _check(fn, q, k, v, attn_mask, dropout_p, scale, enable_gqa, window):
+    _check_qkv(fn, q, k, v, enable_gqa)
+    if not q.shape[:-3] == k.shape[:-3] == v.shape[:-3]:
+        raise _Err(f"{fn}: query {tuple(q.shape)}, key {tuple(k.shape)} and value {tuple(v.shape)} must have the "
+                   f"same leading (batch) dims")
+    if k.shape[-3:-1] != v.shape[-3:-1]:
+        raise _Err(f"{fn}: key {tuple(k.shape)} and value {tuple(v.shape)} must have the same heads and sequence "
+                   f"length")
+    E = q.shape[-1]
+    if E < 1 or E != k.shape[-1] or v.shape[-1] < 1:
+        raise _Err(f"{fn}: query and key must have the same head dim (last) >= 1, and value's must be >= 1; got "
+                   f"query {E}, key {k.shape[-1]}, value {v.shape[-1]}")
+    _check_heads(fn, q.shape[-3], k.shape[-3], enable_gqa)
+    _check_scalars(fn, dropout_p, scale)
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-            raise TypeError(f"{fn}: window must be an int or None, got {type(window).__name__}")
+            raise _TypeErr(f"{fn}: window must be an int or None, got {type(window).__name__}")
         if window < 1:
-            raise ValueError(f"{fn}: window must be >= 1 (query i sees keys i - window < j <= i), got {window}")
+            raise _Err(f"{fn}: window must be >= 1 (query i sees keys i - window < j <= i), got {window}")
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"{fn}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        raise _TypeErr(f"{fn}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.is_nested or type(attn_mask).__torch_function__ is not torch.Tensor.__torch_function__:
+        raise _TypeErr(f"{fn}: attn_mask of type {type(attn_mask).__name__} is not supported (a tensor subclass "
+                       f"with its own semantics); pass a plain bool or float tensor, or a CausalBias")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"{fn}: attn_mask must be bool (True = attend) or floating point (additive), got "
-                        f"{attn_mask.dtype}")
+        raise _TypeErr(f"{fn}: attn_mask must be bool (True = attend) or floating point (additive), got "
+                       f"{attn_mask.dtype}")
     if attn_mask.device != q.device:
-        raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+        raise _Err(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
     target = (*q.shape[:-1], k.shape[-2])
     ok = attn_mask.dim() <= len(target) and all(
         m in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target)))
     if not ok:
-        raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
-                         f"(..., H, Tq, Tk) = {target}")
+        raise _Err(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to (..., H, Tq, Tk) = "
+                   f"{target}")
     if attn_mask.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{fn}: attn_mask gradients are not supported; pass attn_mask.detach() (a float mask that "
-                         f"requires grad would silently get none)")
+        raise _Err(f"{fn}: attn_mask gradients are not supported; pass attn_mask.detach() (a float mask that "
+                   f"requires grad would silently get none)")
+
+
+def _causal_bias(fn, attn_mask, tq, tk):
+    """A torch.nn.attention.bias.CausalBias as (bottom_right,), checked against the call's lengths; None for any
+    other mask."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # pragma: no cover (torch 2.11+ has it)
+        return None
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (tq, tk):
+        raise _Err(f"{fn}: attn_mask is a CausalBias for (Tq, Tk) = ({attn_mask.seq_len_q}, "
+                   f"{attn_mask.seq_len_kv}) but query and key have ({tq}, {tk})")
+    return attn_mask.variant == CausalVariant.LOWER_RIGHT
 
 
 def _mask_4d(mask, lead, batch):
@@ -320,103 +392,217 @@ def _draw_seed():
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
 
 
+def _run(fn, q, k, v, mask, dropout_p, scale, left, right, bottom_right, softcap, alibi, backend):
+    """The checked call on 4-D views q (B, H, Tq, E), k (B, Hkv, Tk, E), v (B, Hkv, Tk, Ev); mask None or 4-D
+    (any dtype), alibi None or fp32 (1 or B, H). Returns (out (B, H, Tq, Ev), lse (B, H, Tq) fp32)."""
+    E, Ev = q.shape[-1], v.shape[-1]
+    order, why = _auto_order(q.device)
+    be = _dispatch.select(fn, q.device, backend, _supports(q.dtype, E, q.device, Ev), key=(q.dtype, E, Ev),
+                          order=order, order_why=why)
+    if be == "torch":
+        out, lse = attention_ref(q, k, v, mask, float(dropout_p), scale=scale, window_size=(left, right),
+                                 bottom_right=bottom_right, softcap=softcap, alibi_slopes=alibi, return_lse=True)
+        return out, lse.float()
+    mask32 = _common.additive_mask(mask, torch.float32) if mask is not None else None
+    seed = _draw_seed() if dropout_p > 0 else 0
+    return _common.apply(AttentionFunction, q, k, v, be, mask32, alibi, scale, left, right, bottom_right, softcap,
+                         float(dropout_p), seed)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, window=None, backend=None):
     """Attention with the signature and semantics of torch.nn.functional.scaled_dot_product_attention.
 
     Args:
-        query: (..., H, Tq, D) float32, float16 or bfloat16 (any float dtype on the torch backend). At least 3 dims;
-            the leading dims (batch) are flattened for the kernels. Any strides: e.g. (B, T, H, D).transpose(1, 2).
-        key, value: (..., Hkv, Tk, D), same leading dims, dtype and device as query. Hkv == H, or (enable_gqa)
-            Hkv divides H.
-        attn_mask: None, bool (True = attend) or float (added to the scores; -inf allowed), broadcastable
+        query: (..., H, Tq, E) float32, float16 or bfloat16 (any float dtype on the torch backend). At least 3 dims;
+            the leading dims (batch) are flattened for the kernels. Any strides: e.g. (B, T, H, E).transpose(1, 2).
+            Any size may be 0 (an empty result of the right shape).
+        key: (..., Hkv, Tk, E), same leading dims, dtype and device as query. Hkv == H, Hkv == 1 (broadcast), or
+            (enable_gqa) Hkv divides H.
+        value: (..., Hkv, Tk, Ev). Ev != E runs on the torch backend only (the automatic choice says so).
+        attn_mask: None, bool (True = attend) or float (added to the scores; -inf hides a key), broadcastable
             right-aligned to (..., H, Tq, Tk), e.g. (Tq, Tk), (B, 1, 1, Tk), (B, H, Tq, Tk). Never materialized at
             (B, H, Tq, Tk) size. No gradient flows to it (a float mask that requires grad raises). May be combined
-            with is_causal (SDPA forbids the combination; here both apply).
+            with is_causal (SDPA forbids the combination; here both apply). Also a
+            torch.nn.attention.bias.CausalBias (causal_upper_left / causal_lower_right), run as causal attention
+            aligned top-left / bottom-right without building a mask. Other tensor subclasses raise.
         dropout_p: probability in [0, 1) of zeroing each attention weight (survivors scaled by 1/(1 - dropout_p)).
             Applied whenever > 0, as SDPA does: pass 0.0 in eval mode. The seed comes from torch's default CPU
             generator; under torch.compile its draw is a graph break (not allowed with fullgraph=True) so compiled
             and eager runs drop the same weights.
         is_causal: query i sees keys j <= i (top-left aligned, as SDPA).
-        scale: multiplies q k^T; default 1/sqrt(D).
-        enable_gqa: allow Hkv < H (grouped-query / multi-query attention).
+        scale: multiplies q k^T; default 1/sqrt(E).
+        enable_gqa: allow 1 < Hkv < H (grouped-query attention).
         window: None, or w >= 1 for sliding-window attention: query i sees keys i - w < j <= i (implies causal).
         backend: "cuda", "triton", "cpu", "torch" or None (then GPTKERNELS_BACKEND, then automatic).
 
     Returns:
-        out (..., H, Tq, D) in query's dtype. A query row that sees no key gets zeros.
+        out (..., H, Tq, Ev) in query's dtype. A query row that sees no key gets zeros; NaN in a score a row sees
+        makes that row (and the gradients it touches) NaN.
+
+    Raises:
+        ArgumentError / ArgumentTypeError (subclasses of ValueError / TypeError and of RuntimeError, as SDPA's
+        errors are) for bad arguments.
     """
     fn = _OP
     if (not _common.is_compiling() and isinstance(query, torch.Tensor) and query.dim() >= 3 and dropout_p == 0
             and type(dropout_p) in (float, int) and (scale is None or type(scale) is float)
             and (window is None or type(window) is int)):
         # Eager fast path (no dropout: its seed is drawn here): the cached backend decision, then the C++ entry.
-        rec = _dispatch.choice(fn, query.device, backend, (query.dtype, query.shape[-1]))
+        rec = _dispatch.choice(fn, query.device, backend, (query.dtype, query.shape[-1], query.shape[-1]))
         if rec is not None and rec[0] in _common.EAGER_BACKENDS:
             out = _common.eager_call(_common.C.attention, query, key, value, attn_mask, scale, is_causal, enable_gqa,
                                      window)
             if out is not None:
                 return out
+    if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() >= 2 and key.dim() >= 2:
+        bottom_right = _causal_bias(fn, attn_mask, query.shape[-2], key.shape[-2])
+        if bottom_right is not None:
+            if window is not None:
+                raise _Err(f"{fn}: a CausalBias attn_mask cannot be combined with window")
+            attn_mask, is_causal = None, True
+    else:
+        bottom_right = None
     _check(fn, query, key, value, attn_mask, dropout_p, scale, enable_gqa, window)
     lead = tuple(query.shape[:-3])
-    H, Tq, D = query.shape[-3:]
-    Hkv, Tk = key.shape[-3:-1]
+    H, Tq, E = query.shape[-3:]
+    Hkv, Tk, Ev = value.shape[-3:]
     B = math.prod(lead)
-    q = query.reshape(B, H, Tq, D)  # views for 3-D and 4-D inputs
-    k = key.reshape(B, Hkv, Tk, D)
-    v = value.reshape(B, Hkv, Tk, D)
+    q = query.reshape(B, H, Tq, E)  # views for 3-D and 4-D inputs
+    k = key.reshape(B, Hkv, Tk, E)
+    v = value.reshape(B, Hkv, Tk, Ev)
     mask = _mask_4d(attn_mask, lead, B)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    causal = bool(is_causal) or window is not None
-    order, why = _auto_order(query.device)
-    be = _dispatch.select(fn, query.device, backend, _supports(query.dtype, D, query.device), key=(query.dtype, D),
-                          order=order, order_why=why)
-    if be == "torch":
-        out = attention_ref(q, k, v, mask, float(dropout_p), causal, scale, window=window)
-    else:
-        mask32 = _common.additive_mask(mask, torch.float32) if mask is not None else None
-        seed = _draw_seed() if dropout_p > 0 else 0
-        win = int(window) if window is not None else -1
-        out = _common.apply(AttentionFunction, q, k, v, mask32, scale, causal, win, float(dropout_p), seed, be)
-    return out.reshape(*lead, H, Tq, D)
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    left, right = _window(is_causal, window)
+    out, _ = _run(fn, q, k, v, mask, dropout_p, scale, left, right, bool(bottom_right), 0.0, None, backend)
+    return out.reshape(*lead, H, Tq, Ev)
 
 
 attention = scaled_dot_product_attention
+
+_FA_OP = "flash_attn_func"
+
+
+def _fa_window(fn, causal, window_size):
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
+        raise _TypeErr(f"{fn}: window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise _Err(f"{fn}: window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
+    return left, (0 if causal else right)
+
+
+def _fa_alibi(fn, alibi_slopes, B, H, device):
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+        raise _TypeErr(f"{fn}: alibi_slopes must be a float32 tensor of shape (H,) or (B, H), got "
+                       f"{_describe(alibi_slopes)}")
+    if alibi_slopes.device != device:
+        raise _Err(f"{fn}: alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+    if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise _Err(f"{fn}: alibi_slopes must have shape (H,) = ({H},) or (B, H) = ({B}, {H}), got "
+                   f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise _Err(f"{fn}: alibi_slopes gradients are not supported; pass alibi_slopes.detach()")
+    return alibi_slopes.reshape(-1, H)
+
+
+def _fa_scalars(fn, dropout_p, softmax_scale, softcap):
+    _check_scalars(fn, dropout_p, softmax_scale, "softmax_scale")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise _TypeErr(f"{fn}: softcap must be a float, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise _Err(f"{fn}: softcap must be finite and >= 0 (0: no capping), got {softcap}")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend=None):
+    """FlashAttention's ``flash_attn_func``, in its layout and with its conventions, on every backend (CPUs too).
+
+    Causal masking and windows are aligned bottom-right: query i sits at key position i + Tk - Tq, so the last query
+    sees the last key (chunked prefill and speculative decoding rely on it); with Tq > Tk the first Tq - Tk rows see
+    no key and get zeros.
+
+    Args:
+        q: (B, Tq, H, E) float32, float16 or bfloat16. Any size may be 0.
+        k: (B, Tk, Hkv, E), same dtype and device; Hkv divides H (MQA / GQA).
+        v: (B, Tk, Hkv, Ev). Ev != E runs on the torch backend only.
+        dropout_p: probability in [0, 1) of zeroing each attention weight (survivors scaled by 1/(1 - dropout_p));
+            FlashAttention's convention: pass 0.0 for evaluation. Seeded from torch's default CPU generator.
+        softmax_scale: multiplies q k^T; default 1/sqrt(E).
+        causal: query i sees keys j <= i + Tk - Tq (sets window_size's right to 0).
+        window_size: (left, right): query i sees keys i + Tk - Tq - left <= j <= i + Tk - Tq + right; -1 means
+            unbounded on that side.
+        softcap: > 0 caps the scores: s = softcap * tanh(s / softcap), in the kernels (before ALiBi).
+        alibi_slopes: None, or float32 (H,) or (B, H): adds -slope * |i + Tk - Tq - j| to the scores, computed in
+            the kernels (no (Tq, Tk) bias is built).
+        deterministic: accepted for compatibility; every backward here is deterministic (no atomics).
+        return_attn_probs: also return the log-sum-exp of each row. FlashAttention's third result, the dropout
+            pattern, is not built: None in its place.
+        backend: "cuda", "triton", "cpu", "torch" or None (then GPTKERNELS_BACKEND, then automatic).
+
+    Returns:
+        out (B, Tq, H, Ev) in q's dtype (contiguous); with return_attn_probs, (out, lse, None) where lse is
+        (B, H, Tq) float32 (-inf for rows that see no key) and carries no gradient.
+    """
+    del deterministic
+    fn = _FA_OP
+    _check_qkv(fn, q, k, v, True, ("q", "k", "v"), "(batch, seqlen, heads, head_dim)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise _Err(f"{fn}: {name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
+    B, Tq, H, E = q.shape
+    Tk, Hkv, Ev = v.shape[1:]
+    if k.shape != (B, Tk, Hkv, E) or v.shape[0] != B:
+        raise _Err(f"{fn}: q {tuple(q.shape)} is (B, Tq, H, E), so k must be (B, Tk, Hkv, E) and v (B, Tk, Hkv, Ev); "
+                   f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hkv != H and (Hkv < 1 or H % Hkv):
+        raise _Err(f"{fn}: the k/v head count {Hkv} must divide q's head count {H}")
+    _fa_scalars(fn, dropout_p, softmax_scale, softcap)
+    left, right = _fa_window(fn, causal, window_size)
+    alibi = _fa_alibi(fn, alibi_slopes, B, H, q.device)
+    scale = 1.0 / math.sqrt(E) if softmax_scale is None else float(softmax_scale)
+    out, lse = _run(fn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, dropout_p, scale, left, right,
+                    True, float(softcap), alibi, backend)
+    out = out.transpose(1, 2).contiguous()
+    return (out, lse, None) if return_attn_probs else out
 
 
 def _check_decode(fn, q, k_cache, v_cache, cache_seqlens):
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not _is_float_tensor(t):
-            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {_describe(t)}")
+            raise _TypeErr(f"{fn}: {name} must be a floating-point tensor, got {_describe(t)}")
         if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D, got shape {tuple(t.shape)}")
+            raise _Err(f"{fn}: {name} must be 4-D, got shape {tuple(t.shape)}")
     B, H, Tn, D = q.shape
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"{fn}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have the "
+        raise _Err(f"{fn}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have the "
                          f"same shape (B, Hkv, Tmax, D)")
     Bk, Hkv, Tmax, Dk = k_cache.shape
     if Bk != B or Dk != D or D < 1:
-        raise ValueError(f"{fn}: q {tuple(q.shape)} is (B, H, Tn, D) so k_cache/v_cache must be (B={B}, Hkv, Tmax, "
+        raise _Err(f"{fn}: q {tuple(q.shape)} is (B, H, Tn, D) so k_cache/v_cache must be (B={B}, Hkv, Tmax, "
                          f"D={D}), got {tuple(k_cache.shape)}")
-    if Hkv < 1 or H % Hkv:
-        raise ValueError(f"{fn}: the cache head count {Hkv} must divide the query head count {H}")
+    if (Hkv < 1 or H % Hkv) and not H == Hkv == 0:
+        raise _Err(f"{fn}: the cache head count {Hkv} must divide the query head count {H}")
     if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise TypeError(f"{fn}: q, k_cache and v_cache must have the same dtype, got {q.dtype}, {k_cache.dtype}, "
+        raise _TypeErr(f"{fn}: q, k_cache and v_cache must have the same dtype, got {q.dtype}, {k_cache.dtype}, "
                         f"{v_cache.dtype}")
     if not q.device == k_cache.device == v_cache.device:
-        raise ValueError(f"{fn}: q, k_cache and v_cache must be on the same device")
+        raise _Err(f"{fn}: q, k_cache and v_cache must be on the same device")
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{fn}: cache_seqlens must be an int32 or int64 tensor, got {_describe(cache_seqlens)}")
+        raise _TypeErr(f"{fn}: cache_seqlens must be an int32 or int64 tensor, got {_describe(cache_seqlens)}")
     if tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"{fn}: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
+        raise _Err(f"{fn}: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
-        raise ValueError(f"{fn}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+        raise _Err(f"{fn}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
     # Values are checked only where it is free: reading a CUDA tensor would synchronize every decode step (the
     # kernels clamp lengths to Tmax, so a bad value there gives wrong rows, never an out-of-bounds read).
     if cache_seqlens.device.type == "cpu" and B and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(cache_seqlens))  # one pass: this runs every decode step
         if lo < max(Tn, 1) or hi > Tmax:
-            raise ValueError(f"{fn}: cache_seqlens must be in [max(Tn, 1), Tmax] = [{max(Tn, 1)}, {Tmax}] (each "
+            raise _Err(f"{fn}: cache_seqlens must be in [max(Tn, 1), Tmax] = [{max(Tn, 1)}, {Tmax}] (each "
                              f"length includes the Tn new tokens), got values in [{lo}, {hi}]")
 
 
@@ -447,7 +633,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, backend=Non
     _check_decode(fn, q, k_cache, v_cache, cache_seqlens)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale)):
-        raise ValueError(f"{fn}: scale must be a finite float or None, got {scale!r}")
+        raise _Err(f"{fn}: scale must be a finite float or None, got {scale!r}")
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     order, why = _auto_order(q.device)
@@ -456,3 +642,100 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, backend=Non
     if be == "torch":
         return decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale)
     return _common.kernel_op("decode_attention", be)(q, k_cache, v_cache, cache_seqlens, scale, 0)
+
+
+_VARLEN_OP = "flash_attn_varlen_func"
+
+
+def _check_cu_seqlens(fn, name, cu, total, max_seqlen, device):
+    if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
+        raise _TypeErr(f"{fn}: {name} must be a 1-D int32 or int64 tensor, got {_describe(cu)}")
+    if cu.numel() < 1:
+        raise _Err(f"{fn}: {name} must hold at least one offset (0), got none")
+    if cu.device != device:
+        raise _Err(f"{fn}: {name} is on {cu.device} but q is on {device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+        raise _TypeErr(f"{fn}: max_seqlen for {name} must be an int >= 0, got {max_seqlen!r}")
+    # Values are checked where that is free: reading a CUDA tensor would synchronize every call.
+    if cu.device.type == "cpu" and not _common.is_compiling():
+        lens = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lens < 0).any()):
+            raise _Err(f"{fn}: {name} must start at 0, never decrease and end at the token count {total}; got "
+                       f"{cu.tolist() if cu.numel() <= 16 else 'a tensor that does not'}")
+        if lens.numel() and int(lens.max()) > max_seqlen:
+            raise _Err(f"{fn}: a sequence of {int(lens.max())} tokens is longer than its max_seqlen {max_seqlen}")
+
+
+def _pad_index(cu, total, width):
+    """Index of each packed token in a (nseq * width) buffer where sequence b fills the LAST lens[b] slots of its
+    row: front padding keeps one bottom-right offset (width_k - width_q) right for every sequence."""
+    cu = cu.to(torch.int64)
+    t = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu[1:], t, right=True)
+    lens = cu[1:] - cu[:-1]
+    return seq * width + (width - lens[seq]) + (t - cu[seq]), lens
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, backend=None):
+    """FlashAttention's ``flash_attn_varlen_func``: attention within each of several packed sequences, no attention
+    across them, with :func:`flash_attn_func`'s conventions (bottom-right causal and windows, softcap, ALiBi).
+
+    The sequences are gathered into a front-padded (nseq, max_seqlen) batch (no host synchronization: max_seqlen
+    comes from the caller), run through the dense kernels with a key-padding mask, and scattered back; so the
+    attention itself costs what the padded batch costs, while everything around it runs on the packed tokens.
+
+    Args:
+        q: (total_q, H, E); k: (total_k, Hkv, E); v: (total_k, Hkv, Ev); Hkv divides H.
+        cu_seqlens_q, cu_seqlens_k: (nseq + 1,) int32 or int64 offsets: sequence b holds tokens
+            cu[b] .. cu[b + 1] - 1. Checked on the CPU; on a GPU the values are trusted (reading them would stall).
+        max_seqlen_q, max_seqlen_k: ints >= the longest sequence (as FlashAttention requires).
+        dropout_p, softmax_scale, causal, window_size, softcap, deterministic, backend: as flash_attn_func.
+        alibi_slopes: None, or float32 (H,) or (nseq, H).
+        return_attn_probs: also return lse (H, total_q) float32 (and None for the dropout pattern).
+        block_table: paged KV caches are not supported (must be None).
+
+    Returns:
+        out (total_q, H, Ev) in q's dtype; with return_attn_probs, (out, lse, None).
+    """
+    del deterministic
+    fn = _VARLEN_OP
+    _check_qkv(fn, q, k, v, True, ("q", "k", "v"), "(total_tokens, heads, head_dim)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise _Err(f"{fn}: {name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    if block_table is not None:
+        raise _Err(f"{fn}: block_table (a paged KV cache) is not supported; pass contiguous k and v")
+    total_q, H, E = q.shape
+    total_k, Hkv, Ev = v.shape
+    if k.shape != (total_k, Hkv, E):
+        raise _Err(f"{fn}: k must be (total_k, Hkv, E) = ({total_k}, {Hkv}, {E}) to match v {tuple(v.shape)} and q "
+                   f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    if Hkv != H and (Hkv < 1 or H % Hkv):
+        raise _Err(f"{fn}: the k/v head count {Hkv} must divide q's head count {H}")
+    _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, q.device)
+    _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise _Err(f"{fn}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                   f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    _fa_scalars(fn, dropout_p, softmax_scale, softcap)
+    left, right = _fa_window(fn, causal, window_size)
+    nseq = cu_seqlens_q.numel() - 1
+    alibi = _fa_alibi(fn, alibi_slopes, nseq, H, q.device)
+    scale = 1.0 / math.sqrt(E) if softmax_scale is None else float(softmax_scale)
+    mq, mk = int(max_seqlen_q), int(max_seqlen_k)
+    iq, _ = _pad_index(cu_seqlens_q, total_q, mq)
+    ik, lens_k = _pad_index(cu_seqlens_k, total_k, mk)
+    qp = q.new_zeros(nseq * mq, H, E).index_copy(0, iq, q).view(nseq, mq, H, E)
+    kp = k.new_zeros(nseq * mk, Hkv, E).index_copy(0, ik, k).view(nseq, mk, Hkv, E)
+    vp = v.new_zeros(nseq * mk, Hkv, Ev).index_copy(0, ik, v).view(nseq, mk, Hkv, Ev)
+    keys = torch.arange(mk, device=q.device)
+    mask = (keys >= mk - lens_k[:, None]).view(nseq, 1, 1, mk)  # the padding slots are hidden
+    out, lse = _run(fn, qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), mask, dropout_p, scale, left,
+                    right, True, float(softcap), alibi, backend)
+    out = out.transpose(1, 2).reshape(nseq * mq, H, Ev).index_select(0, iq)
+    if not return_attn_probs:
+        return out
+    lse = lse.permute(1, 0, 2).reshape(H, nseq * mq).index_select(1, iq)
+    return out, lse, None
