@@ -206,12 +206,12 @@ def test_flash_attn_func_bad_inputs():
 
 # ---------------------------------------------------------------------------------------------------- NaN
 def _nan_case(backend, device, causal, where):
-    """q, k, v (1, 2, 4, 16) with one inf in head 0 (query row 1, or key 2): gradients of out.sum()."""
+    """out and the gradients for q, k, v (1, 2, 4, 16) with an inf in query row 1 or a NaN in key 2, of head 0."""
     q, k, v = (torch.randn(1, 2, 4, 16, device=device) for _ in range(3))
     if where == "q":
         q[0, 0, 1, 3] = math.inf
     else:
-        k[0, 0, 2, 5] = math.inf
+        k[0, 0, 2, 5] = math.nan
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = gk.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
@@ -222,14 +222,15 @@ def _nan_case(backend, device, causal, where):
 @pytest.mark.parametrize("bd", BACKENDS)
 def test_nan_in_query_reaches_every_gradient_it_touches(bd, causal):
     """An inf in query row 1 of head 0 makes its scores +-inf, so its softmax is NaN: out and dq of that row, and dk /
-    dv of every key that row sees, are NaN (SDPA agrees). Keys it cannot see (causal: keys 2, 3), other rows' out and
-    dq, and the other head stay finite."""
+    dv of every key that row sees, are NaN (SDPA agrees). Keys it cannot see (causal: keys 2, 3) get nothing from it,
+    and other rows' out and dq, and the other head, stay finite."""
     out, dq, dk, dv = _nan_case(*bd, causal, "q")
     assert out[0, 0, 1].isnan().all() and dq[0, 0, 1].isnan().all()
     seen = slice(0, 2) if causal else slice(0, 4)
     assert dk[0, 0, seen].isnan().all() and dv[0, 0, seen].isnan().all()
-    if causal:
-        assert torch.isfinite(dk[0, 0, 2:]).all() and torch.isfinite(dv[0, 0, 2:]).all()
+    if causal:  # row 1 gives keys 2, 3 exactly nothing: dv finite; dk = sum_i ds_ij q_i meets 0 * inf only in column 3
+        assert torch.isfinite(dv[0, 0, 2:]).all()
+        assert torch.isfinite(dk[0, 0, 2:, [0, 1, 2, *range(4, 16)]]).all()
     for row in (0, 2, 3):
         assert torch.isfinite(out[0, 0, row]).all() and torch.isfinite(dq[0, 0, row]).all()
     for t in (out, dq, dk, dv):
@@ -240,7 +241,8 @@ def test_nan_in_query_reaches_every_gradient_it_touches(bd, causal):
 def test_nan_in_key_reaches_every_row_that_sees_it(bd):
     out, dq, dk, dv = _nan_case(*bd, True, "k")  # causal: key 2 is seen by rows 2 and 3
     assert out[0, 0, 2:].isnan().all() and dq[0, 0, 2:].isnan().all()
-    assert torch.isfinite(out[0, 0, :2]).all() and torch.isfinite(dq[0, 0, :2]).all()
+    # Rows 0, 1 do not see key 2: finite out; dq = sum_j ds_ij k_j meets 0 * NaN only in column 5.
+    assert torch.isfinite(out[0, 0, :2]).all() and torch.isfinite(dq[0, 0, :2, [*range(5), *range(6, 16)]]).all()
     assert dk[0, 0, :3].isnan().all() and dv[0, 0, :3].isnan().all()  # keys 0..2 are seen by rows 2, 3
     assert torch.isfinite(dk[0, 1]).all() and torch.isfinite(dv[0, 1]).all()
 
@@ -257,9 +259,10 @@ def test_nan_behind_a_minus_inf_mask_stays_hidden(bd):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = gk.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    for t in (out, *grads):
+    for t in (out, grads[1], grads[2]):
         assert torch.isfinite(t).all()
-    assert (out[:, :, 2] == 0).all() and (grads[0][:, :, 2] == 0).all()
+    assert torch.isfinite(grads[0][..., 1:]).all()  # dq = sum_j ds_ij k_j meets 0 * NaN in column 0 only
+    assert (out[:, :, 2] == 0).all() and (grads[0][:, :, 2, 1:] == 0).all()
     assert (grads[1][:, :, 4] == 0).all() and (grads[2][:, :, 4] == 0).all()
 
 
@@ -452,3 +455,63 @@ def test_fp32_gradients_close_to_naive_fp32(bd):
     mean = sum(ratios) / len(ratios)
     print(f"ours / naive fp32 error: mean {mean:.2f}, max {max(ratios):.2f}")
     assert mean <= 2.0 and max(ratios) <= 4.0, f"mean {mean:.2f}, max {max(ratios):.2f}: {ratios}"
+
+
+# ---------------------------------------------------------------------------------------------------- varlen
+VARLEN_CASES = [  # (lengths q, lengths k, H, Hkv, D, causal, window, alibi)
+    ([5, 17, 1, 30], [5, 17, 1, 30], 4, 2, 32, True, (-1, -1), False),
+    ([3, 11, 8], [9, 11, 20], 2, 2, 64, True, (-1, -1), False),  # bottom-right per sequence
+    ([12, 0, 7], [12, 4, 7], 2, 1, 32, False, (4, 2), True),  # an empty query sequence
+    ([9, 6], [4, 6], 2, 2, 16, True, (-1, -1), False),  # Tq > Tk in the first: leading rows see nothing
+]
+
+
+def _cu(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"q{c[0]}-k{c[1]}-h{c[2]}kv{c[3]}-d{c[4]}")
+@pytest.mark.parametrize("bd", BACKENDS)
+def test_flash_attn_varlen_func(bd, case):
+    """Each packed sequence against fa_ref on that sequence alone: no attention across sequences."""
+    backend, device = bd
+    lq, lk, H, Hkv, D, causal, window, alibi = case
+    q = torch.randn(sum(lq), H, D, device=device, requires_grad=True)
+    k = torch.randn(sum(lk), Hkv, D, device=device, requires_grad=True)
+    v = torch.randn(sum(lk), Hkv, D, device=device, requires_grad=True)
+    slopes = torch.rand(len(lq), H, device=device) * 0.3 if alibi else None
+    out, lse, _ = gk.flash_attn_varlen_func(q, k, v, _cu(lq, device), _cu(lk, device), max(lq), max(lk),
+                                            causal=causal, window_size=window, alibi_slopes=slopes,
+                                            return_attn_probs=True, backend=backend)
+    assert out.shape == (sum(lq), H, D) and lse.shape == (H, sum(lq))
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    outs, lses = [], []
+    cq, ck = _cu(lq, "cpu").tolist(), _cu(lk, "cpu").tolist()
+    for b in range(len(lq)):
+        o, l_ = fa_ref(q64[None, cq[b]:cq[b + 1]], k64[None, ck[b]:ck[b + 1]], v64[None, ck[b]:ck[b + 1]],
+                       causal=causal, window_size=window, alibi_slopes=None if slopes is None else slopes[b].cpu())
+        outs.append(o[0])
+        lses.append(l_[0])
+    ref = torch.cat(outs)
+    lse_ref = torch.cat(lses, dim=1)
+    grads_ref = torch.autograd.grad(ref, (q64, k64, v64), dout.cpu().double())
+    assert_close(out.cpu(), ref, name="out")
+    assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(lse_ref))
+    fin = torch.isfinite(lse_ref)
+    assert_close(lse.cpu()[fin], lse_ref[fin], name="lse")
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close(g.cpu(), gr, name=name)
+
+
+def test_flash_attn_varlen_func_bad_offsets():
+    q = torch.randn(10, 2, 16)
+    with pytest.raises(gk.ArgumentError, match="end at the token count 10"):
+        gk.flash_attn_varlen_func(q, q, q, _cu([4, 5], "cpu"), _cu([4, 5], "cpu"), 5, 5)
+    with pytest.raises(gk.ArgumentError, match="longer than its max_seqlen 4"):
+        gk.flash_attn_varlen_func(q, q, q, _cu([4, 6], "cpu"), _cu([4, 6], "cpu"), 4, 6)
+    with pytest.raises(gk.ArgumentTypeError, match="cu_seqlens_q must be a 1-D int32 or int64"):
+        gk.flash_attn_varlen_func(q, q, q, _cu([4, 6], "cpu").float(), _cu([4, 6], "cpu"), 6, 6)
+    with pytest.raises(gk.ArgumentError, match="block_table"):
+        gk.flash_attn_varlen_func(q, q, q, _cu([4, 6], "cpu"), _cu([4, 6], "cpu"), 6, 6, block_table=q)

@@ -100,21 +100,24 @@ def attention_ref(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
         slopes = alibi_slopes.to(dt)
         slopes = slopes[..., None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
         s = s - slopes * dist
-    if attn_mask is not None:
-        add = _common.additive_mask(attn_mask, dt)
-        s = (s + add).masked_fill(torch.isneginf(add), _NEG_INF)  # a -inf entry hides its key, NaN score or not
     left, right = window_size if window_size is not None else _window(is_causal, window)
     vis = _visible(tq, tk, left, right, offset, s.device)
-    if vis is not None:
-        s = s.masked_fill(~vis, _NEG_INF)
-    # softmax is shift invariant: the max carries no gradient. An all -inf row subtracts 0. Keys at -inf take the
-    # constant branch of the where, so a NaN max (a NaN row) reaches neither their p nor their gradient.
-    hidden = torch.isneginf(s)
+    hidden = None if vis is None else ~vis
+    if attn_mask is not None:
+        add = _common.additive_mask(attn_mask, dt)
+        s = s + add
+        hidden = torch.isneginf(add) if hidden is None else hidden | torch.isneginf(add)  # whatever the score
+    if hidden is None:
+        hidden = torch.zeros((), dtype=torch.bool, device=s.device)
+    s = s.masked_fill(hidden, _NEG_INF)
+    # softmax is shift invariant: the max carries no gradient. An all -inf row subtracts 0. Hidden keys take the
+    # constant branch of the where, so a NaN max (a NaN row) reaches neither their p nor their gradient; a visible
+    # key whose score is -inf gets p = exp(-inf - max): 0 in a finite row, NaN in a NaN row (as SDPA).
     m = s.amax(-1, keepdim=True).detach() if tk else s.new_zeros(*s.shape[:-1], 1)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     e = torch.exp(torch.where(hidden, torch.full_like(s, _NEG_INF), s - m))
     denom = e.sum(-1, keepdim=True)
-    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    p = (e / torch.where(denom == 0, torch.ones_like(denom), denom)).masked_fill(hidden, 0.0)  # 0, even / NaN
     if dropout_p > 0:
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
@@ -314,6 +317,13 @@ def _check_scalars(fn, dropout_p, scale, scale_name="scale"):
             raise _Err(f"{fn}: {scale_name} must be finite, got {scale}")
 
 
+def _plain_torch_function(t):
+    """Whether t's class keeps torch.Tensor's __torch_function__ (a plain tensor, a Parameter) rather than a
+    subclass that reinterprets the ops it meets (CausalBias, logging or quantized wrappers)."""
+    impl = getattr(type(t).__torch_function__, "__func__", type(t).__torch_function__)
+    return impl in (torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)
+
+
 def _check(fn, q, k, v, attn_mask, dropout_p, scale, enable_gqa, window):
     _check_qkv(fn, q, k, v, enable_gqa)
     if not q.shape[:-3] == k.shape[:-3] == v.shape[:-3]:
@@ -337,7 +347,7 @@ def _check(fn, q, k, v, attn_mask, dropout_p, scale, enable_gqa, window):
         return
     if not isinstance(attn_mask, torch.Tensor):
         raise _TypeErr(f"{fn}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.is_nested or type(attn_mask).__torch_function__ is not torch.Tensor.__torch_function__:
+    if attn_mask.is_nested or not _plain_torch_function(attn_mask):
         raise _TypeErr(f"{fn}: attn_mask of type {type(attn_mask).__name__} is not supported (a tensor subclass "
                        f"with its own semantics); pass a plain bool or float tensor, or a CausalBias")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
