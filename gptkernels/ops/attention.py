@@ -1,21 +1,27 @@
-"""Scaled dot-product attention (a drop-in for torch.nn.functional.scaled_dot_product_attention) and KV-cache
-decode attention. The binding contract of the kernels is docs/attention_contract.md.
+"""Attention: a drop-in for torch.nn.functional.scaled_dot_product_attention, FlashAttention's flash_attn_func and
+flash_attn_varlen_func, and KV-cache decode attention. The binding contract of the kernels is
+docs/attention_contract.md.
 
 Math (per batch b, query head h, query row i; in fp32 whatever the input dtype):
-    s_ij = scale * <q_i, k_j> + mask_ij            scale = 1/sqrt(D) unless given; mask additive (bool: 0 / -inf)
-    key j is visible to query i: always; causal: j <= i (top-left aligned, as SDPA's is_causal);
-        window w >= 1: i - w < j <= i (implies causal)
+    pos_i = i (top-left, SDPA) or i + Tk - Tq (bottom-right, FlashAttention and CausalBias lower_right)
+    key j is visible iff (left < 0 or j >= pos_i - left) and (right < 0 or j <= pos_i + right)
+        (causal: right = 0; SDPA's window w: left = w - 1, right = 0)
+    s_ij = scale * <q_i, k_j>;  softcap * tanh(s_ij / softcap) if softcap;  - slope_bh * |pos_i - j| if ALiBi;
+        + mask_ij (additive; bool: 0 / -inf; a -inf entry hides key j whatever the score)
     p_ij = softmax_j(s_ij) over visible j,  lse_i = log sum_j exp(s_ij)
     out_i = sum_j p_ij * keep_ij / (1 - dropout_p) * v_j,  keep_ij ~ Bernoulli(1 - dropout_p)
-A row with no visible key (or only -inf scores) gives out = 0 and zero gradients, never NaN.
+A row with no visible key gives out = 0 and zero gradients. NaN or inf in a visible score gives NaN in that row's
+out and in the gradients it touches, never a silent zero.
 
-Shapes (SDPA's layout): q (..., H, Tq, D); k, v (..., Hkv, Tk, D) with the same leading dims; out like q.
-GQA/MQA (enable_gqa=True): H % Hkv == 0 and query head h reads kv head h // (H // Hkv). attn_mask broadcastable
-(right-aligned) to (..., H, Tq, Tk). Kernels see 4-D (B, H, T, D) views: leading dims are flattened into B.
+Shapes (SDPA's layout): q (..., H, Tq, E); k (..., Hkv, Tk, E), v (..., Hkv, Tk, Ev) with the same leading dims;
+out (..., H, Tq, Ev). Hkv == H, Hkv == 1, or (enable_gqa) Hkv divides H: query head h reads kv head h // (H // Hkv).
+attn_mask broadcastable (right-aligned) to (..., H, Tq, Tk). Kernels see 4-D (B, H, T, D) views: leading dims are
+flattened into B. flash_attn_func takes FlashAttention's (B, T, H, D); flash_attn_varlen_func (total, H, D) with
+cu_seqlens offsets.
 
-Backward saves q, k, v, out, the fp32 lse (B, H, Tq) and the fp32 mask (in its own broadcast shape): never a
-Tq x Tk matrix. It recomputes p = exp(s - lse) tile by tile (FlashAttention-2), with delta_i = sum_d dout_i out_i;
-dropout regenerates keep_ij from (seed, b, h, i, j). No gradient flows to attn_mask.
+Backward saves q, k, v, out, the fp32 lse (B, H, Tq), the fp32 mask (in its own broadcast shape) and the ALiBi slopes:
+never a Tq x Tk matrix. It recomputes p = exp(s - lse) tile by tile (FlashAttention-2), with delta_i = sum_d dout_i
+out_i; dropout regenerates keep_ij from (seed, b, h, i, j). No gradient flows to attn_mask or the slopes.
 
 Dropout: the seed is drawn from torch's default CPU generator (torch.manual_seed makes a run reproducible); each
 kernel backend has its own keep-mask generator, so cpu, cuda and triton give different (equally valid) masks.
@@ -25,7 +31,8 @@ decode_attention: q (B, H, Tn, D) holds the Tn newest tokens; k_cache, v_cache (
 Split-K flash-decoding; no backward.
 
 Backends: cuda (CUDA C++), triton, cpu (C++), torch (attention_ref below, autograd by PyTorch). See
-gptkernels._dispatch; limits in _supports.
+gptkernels._dispatch; limits in _supports. Bad arguments raise ArgumentError / ArgumentTypeError, which are also
+RuntimeErrors (as SDPA's errors).
 """
 
 from __future__ import annotations
