@@ -124,7 +124,9 @@ def attention_ref(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     e = torch.exp(torch.where(hidden, torch.full_like(s, _NEG_INF), s - m))
     denom = e.sum(-1, keepdim=True)
-    p = (e / torch.where(denom == 0, torch.ones_like(denom), denom)).masked_fill(hidden, 0.0)  # 0, even / NaN
+    # A row with no visible key is empty: zeros. Visible keys whose scores are all -inf (inf inputs) are 0 / 0: NaN.
+    dead = hidden.expand(s.shape).all(-1, keepdim=True)
+    p = (e / torch.where(dead, torch.ones_like(denom), denom)).masked_fill(hidden, 0.0)  # 0, even / NaN
     if dropout_p > 0:
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
@@ -132,7 +134,8 @@ def attention_ref(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
     out = (p @ vf).to(q.dtype)
     if not return_lse:
         return out
-    lse = torch.where(denom == 0, torch.full_like(m, _NEG_INF), torch.log(denom) + m).squeeze(-1)
+    lse = torch.where(dead, torch.full_like(m, _NEG_INF), torch.where(denom == 0, math.nan, torch.log(denom) + m))
+    lse = lse.squeeze(-1)
     return out, lse.detach()
 
 
