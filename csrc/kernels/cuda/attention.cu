@@ -1,4 +1,5 @@
-// CUDA attention: forward, FlashAttention-2 backward and split-K decode (docs/attention_contract.md).
+// CUDA attention: forward, FlashAttention-2 backward and split-K decode. Semantics: AttnSpec in ../common.h (which
+// keys a row sees, softcap, ALiBi, the NaN rule) and attention.cuh; docs/attention_contract.md for the ops.
 //
 // Design: a block owns a tile of output rows; each warp owns 16 of them (a "strip") end to end: its slice of the
 // scores, its rows' softmax statistics, its slice of the accumulator. Only the streamed operand tiles (K and V
@@ -12,8 +13,12 @@
 // row pitches = 4 (mod 32) floats reads shared memory without bank conflicts.
 //
 // The softmax and pointwise steps run with two lanes per row (lane = 2 * row + half, columns half, half + 2, ...),
-// combining the halves with one shuffle. Scores are kept in the log2 domain (scale * log2(e) folded in), as in the
-// CPU kernels, and masked / empty rows follow the contract: out = 0, lse = -inf, zero gradients, never NaN.
+// combining the halves with one shuffle. Scores, the running max and lse stay in the natural-log domain and each
+// exponent is multiplied by log2(e) once, exp2f((s - m) * log2e): folding log2(e) into the scale and the lse (as
+// before) rounded every term by an error proportional to its magnitude, which fp32 gradients showed. Invisible
+// keys are skipped or set to p = dS = 0 before any exponential, so a NaN row (lse NaN) cannot leak into the keys
+// it does not see; a row with no visible key gives out = 0, lse = -inf and zero gradients, and NaN or inf in a
+// visible score gives NaN (rows are told apart by whether a visible key was met, never by l > 0).
 //
 // Accumulators (O, dQ, dK, dV) live in shared memory as fp32 and are updated by read-modify-write through
 // load/store_matrix_sync (the online-softmax rescale of O is a per-row SIMT pass over the warp's own strip).
@@ -276,9 +281,73 @@ __device__ __forceinline__ void warp_nn_acc(const T* A, int lda, const T* B, int
   }
 }
 
-__device__ __forceinline__ bool visible(int64_t i, int64_t j, bool causal, int64_t window) {
-  return (!causal || j <= i) && (window <= 0 || j > i - window);
+// ---- the attention spec on the device ------------------------------------------------------------------------------
+
+// AttnSpec (../common.h) as the kernels read it, plus 1 / softcap (a multiply per score instead of a division).
+struct Spec {
+  int64_t offset, left, right;  // pos_i = i + offset; left / right < 0: unbounded
+  float softcap, inv_softcap;   // softcap <= 0: none
+  const float* alibi;           // nullptr: none; slope of (b, h) at alibi[b * alibi_sb + h]
+  int64_t alibi_sb;
+};
+
+Spec device_spec(const AttnSpec& s) {
+  Spec d{};
+  d.offset = s.offset;
+  d.left = s.left;
+  d.right = s.right;
+  d.softcap = s.softcap > 0.f ? s.softcap : 0.f;
+  d.inv_softcap = s.softcap > 0.f ? 1.f / s.softcap : 0.f;
+  d.alibi = s.alibi;
+  d.alibi_sb = s.alibi_sb;
+  return d;
 }
+
+// Key j (0 <= j < Tk, checked by the caller) is visible to the query at position pos.
+__device__ __forceinline__ bool visible(const Spec& s, int64_t pos, int64_t j) {
+  return (s.left < 0 || j >= pos - s.left) && (s.right < 0 || j <= pos + s.right);
+}
+
+// The keys [lo, hi) of [kb, ke) that can be visible to a query at a position in [pos_lo, pos_hi] (the device twin
+// of attn_key_range; hi <= lo means none). Tiles outside it are never loaded.
+__device__ __forceinline__ void key_range(const Spec& s, int64_t pos_lo, int64_t pos_hi, int64_t kb, int64_t ke,
+                                          int64_t* lo, int64_t* hi) {
+  *lo = s.left < 0 ? kb : max(kb, pos_lo - s.left);
+  *hi = s.right < 0 ? ke : min(ke, pos_hi + s.right + 1);
+}
+
+// The query rows [lo, hi) of [0, Tq) that can see a key of [j_lo, j_hi]: key j is visible to pos only if
+// j - right <= pos <= j + left.
+__device__ __forceinline__ void query_range(const Spec& s, int64_t j_lo, int64_t j_hi, int64_t Tq, int64_t* lo,
+                                            int64_t* hi) {
+  *lo = s.right < 0 ? 0 : min(Tq, max(int64_t(0), j_lo - s.right - s.offset));
+  *hi = s.left < 0 ? Tq : min(Tq, max(*lo, j_hi + s.left - s.offset + 1));
+}
+
+// The score s_ij of a visible (pos, j) from its dot product qk = <q_i, k_j>, in the natural-log domain: scale,
+// softcap, ALiBi (slope: this (b, h)'s), then the mask entry at mij (nullptr: no mask). Returns false when that
+// entry is -inf, which hides the key whatever the score. *th = tanh(scale * qk / softcap) (0 without softcap): the
+// backward's dS is multiplied by the softcap's derivative 1 - th^2. tanhf, not tanh.approx: fp32 needs its accuracy.
+__device__ __forceinline__ bool score(const Spec& sp, float qk, float scale, float slope, int64_t pos, int64_t j,
+                                      const float* mij, float* s, float* th) {
+  float x = qk * scale;
+  float t = 0.f;
+  if (sp.softcap > 0.f) {
+    t = tanhf(x * sp.inv_softcap);
+    x = sp.softcap * t;
+  }
+  if (sp.alibi) x = fmaf(-slope, float(pos > j ? pos - j : j - pos), x);
+  if (mij) {
+    const float mv = *mij;
+    if (mv == -INFINITY) return false;
+    x += mv;
+  }
+  *s = x;
+  *th = t;
+  return true;
+}
+
+__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
 
 // ---- forward and decode ------------------------------------------------------------------------------------------
 
@@ -289,9 +358,8 @@ struct FwdParams {
   void* out;
   float* lse;
   int64_t B, H, Hkv, Tq, Tk, D;  // decode: Tq = Tn, Tk = Tmax
-  float qscale;                  // scale * log2(e)
-  bool causal;
-  int64_t window;
+  float scale;
+  Spec spec;  // decode: right = 0, positions from seqlens (offset unused), no softcap, no ALiBi
   bool dropout;
   uint32_t drop_threshold;
   float inv_keep;
@@ -319,8 +387,8 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kFwdM / 16 * kWarp, 1) attention
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, half = lane & 1;
   const int r = warp * 16 + (lane >> 1);  // this lane pair's row in the block
 
-  // Which rows and keys.
-  int64_t b, h, row0, nrows, kb, ke, pmin, pmax, kv_rows, split = 0;
+  // Which rows and keys. pmin, pmax: the positions of the block's first and last rows.
+  int64_t b, h, i0 = 0, row0, nrows, kb, ke, pmin, pmax, kv_rows, split = 0;
   int64_t kvh;
   if (!p.decode) {
     const int64_t nqt = (p.Tq + BM - 1) / BM, BH = p.B * p.H;
@@ -328,13 +396,13 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kFwdM / 16 * kWarp, 1) attention
     b = bh / p.H;
     h = bh % p.H;
     kvh = h / (p.H / p.Hkv);
-    const int64_t i0 = qt * BM;
+    i0 = qt * BM;
     row0 = bh * p.Tq + i0;
     nrows = min(int64_t(BM), p.Tq - i0);
     kb = 0;
     ke = p.Tk;
-    pmin = i0;
-    pmax = i0 + nrows - 1;
+    pmin = i0 + p.spec.offset;
+    pmax = pmin + nrows - 1;
     kv_rows = p.Tk;
   } else {
     const int64_t G = p.H / p.Hkv, R = G * p.Tq;
@@ -355,21 +423,23 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kFwdM / 16 * kWarp, 1) attention
     kv_rows = p.Tk;
   }
   const bool row_valid = r < nrows;
-  // This row's position (causal / window), mask row and dropout key.
+  // This row's position, mask row, ALiBi slope and dropout key.
   int64_t pos;
   const float* mrow = nullptr;
+  float slope = 0.f;
   uint64_t rowkey = 0;
   if (!p.decode) {
-    const int64_t i = pmin + r;
-    pos = i;
+    const int64_t i = i0 + r;
+    pos = pmin + r;
     if (p.mask && row_valid) mrow = p.mask + b * p.smb + h * p.smh + i * p.smi;
+    if (p.spec.alibi) slope = p.spec.alibi[b * p.spec.alibi_sb + h];
     if (p.dropout) rowkey = attn_dropout_row_key(p.seed, b, h, i);
   } else {
     const int64_t idx = (row0 % p.Tq) + r;  // row0 % Tn == (rb * BM) % Tn: token of row 0
     pos = pmax + 1 - p.Tq + (idx % p.Tq);
   }
-  const int64_t kmax = p.causal ? min(ke, pmax + 1) : ke;
-  const int64_t kmin = p.window > 0 ? max(kb, pmin - p.window + 1) : kb;
+  int64_t kmin, kmax;
+  key_range(p.spec, pmin, pmax, kb, ke, &kmin, &kmax);
 
   const T* kvk = static_cast<const T*>(p.k) + (b * p.Hkv + kvh) * kv_rows * p.D;
   const T* kvv = static_cast<const T*>(p.v) + (b * p.Hkv + kvh) * kv_rows * p.D;
@@ -377,7 +447,8 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kFwdM / 16 * kWarp, 1) attention
   zero_acc(Os, LDA, BM, Dk);
 
   const bool warp_active = warp * 16 < nrows;
-  float m = -INFINITY, l = 0.f;  // this row's running max (log2 domain) and sum
+  float m = -INFINITY, l = 0.f;  // this row's running max and sum
+  bool seen = false;             // this lane has met a visible key: l == 0 then means scores of -inf, not "masked"
   for (int64_t j0 = kmin; j0 < kmax; j0 += BN) {
     __syncthreads();  // the previous tile's K/V reads are done (first pass: Q and O are in place)
     load_tile(Ks, LDT, kvk + j0 * p.D, kmax - j0, BN, D, Dk);
@@ -386,31 +457,32 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kFwdM / 16 * kWarp, 1) attention
     if (!warp_active) continue;
     warp_nt<T, BN, DMAX>(Qs + warp * 16 * LDT, LDT, Ks, LDT, Dk, Ss + warp * 16 * LDS, LDS);
     __syncwarp();
-    // Two passes over this lane's half of the row (scores stay in shared memory, not registers): the masked,
-    // log2-scaled scores and their max, then the exponentials.
+    // Two passes over this lane's half of the row (scores stay in shared memory, not registers): the scores
+    // (-inf where invisible) and their max, then the exponentials. Natural-log domain, times log2(e) once per
+    // exponent: folding log2(e) into the scale rounds each score by an error that grows with its magnitude.
     float mx = -INFINITY;
     float* srow = Ss + r * LDS;
 #pragma unroll 8
     for (int u = 0; u < BN / 2; ++u) {
       const int c = half + 2 * u;
       const int64_t j = j0 + c;
-      float x = srow[c] * p.qscale;
-      const bool vis = j < kmax && visible(pos, j, p.causal, p.window);
-      if (vis && mrow) x += mrow[j * p.smj] * kLog2e;
-      x = vis ? x : -INFINITY;
+      float x = -INFINITY, th;
+      if (j < kmax && visible(p.spec, pos, j) &&
+          score(p.spec, srow[c], p.scale, slope, pos, j, mrow ? mrow + j * p.smj : nullptr, &x, &th))
+        seen = true;
       srow[c] = x;
-      mx = fmaxf(mx, x);
+      mx = fmaxf(mx, x);  // ignores NaN; a NaN score reaches l through its exponential
     }
     mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
     const float m_new = fmaxf(m, mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: exp2(-inf - 0) = 0
-    const float alpha = exp2f(m - m_use);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing above -inf yet: exp2(-inf - 0) = 0
+    const float alpha = exp2f((m - m_use) * kLog2e);
     float sum = 0.f;
     T* prow = Ps + r * LDP;
 #pragma unroll 8
     for (int u = 0; u < BN / 2; ++u) {
       const int c = half + 2 * u;
-      float e = exp2f(srow[c] - m_use);
+      float e = exp2f((srow[c] - m_use) * kLog2e);
       sum += e;
       if (p.dropout) e = attn_dropout_keep(rowkey, j0 + c, p.drop_threshold) ? e * p.inv_keep : 0.f;
       prow[c] = from_f<T>(e);  // fp32: overwrites this lane's own score in place
@@ -424,9 +496,13 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kFwdM / 16 * kWarp, 1) attention
     warp_nn_acc<T, BN, DMAX>(Ps + warp * 16 * LDP, LDP, Vs, LDT, Os + warp * 16 * LDA, LDA, Dk);
   }
   __syncthreads();  // with no key tile at all, O's zeros came from other warps' threads
+  seen = __shfl_xor_sync(kFullMask, int(seen), 1) != 0 || seen;
   if (!row_valid) return;
-  const float inv_l = l > 0.f ? 1.f / l : 0.f;
-  const float lse = l > 0.f ? m * kLn2 + logf(l) : -INFINITY;
+  // No visible key: out = 0, lse = -inf. Otherwise a NaN or +inf score has made l NaN, and visible scores that are
+  // all -inf leave l == 0 (exp(s - lse) = 0/0): both give out = lse = NaN. The test is `seen`, never l > 0, which
+  // would turn a NaN sum into a masked row.
+  const float inv_l = seen ? 1.f / l : 0.f;
+  const float lse = !seen ? -INFINITY : l == 0.f ? nan_f() : m + logf(l);
   const float* orow = Os + r * LDA;
   if (!p.decode) {
     store_row_pair(static_cast<T*>(p.out) + (row0 + r) * p.D, orow, inv_l, D, half);
@@ -441,7 +517,8 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kFwdM / 16 * kWarp, 1) attention
   }
 }
 
-// Decode merge: one warp per (b, h, t) row combines its splits' partial outputs with the log-sum-exp.
+// Decode merge: one warp per (b, h, t) row combines its splits' partial outputs with the log-sum-exp. A split's
+// lse is -inf when it saw no key (skipped) and NaN when its scores were (the row's output is NaN then).
 template <typename T>
 __global__ void decode_merge_kernel(const float* opart, const float* lpart, T* out, int64_t rows, int64_t splits,
                                     int D) {
@@ -450,11 +527,16 @@ __global__ void decode_merge_kernel(const float* opart, const float* lpart, T* o
   if (row >= rows) return;
   const float* l = lpart + row * splits;
   float m = -INFINITY;
-  for (int64_t s = 0; s < splits; ++s) m = fmaxf(m, l[s]);
+  bool nan = false;
+  for (int64_t s = 0; s < splits; ++s) {
+    m = fmaxf(m, l[s]);  // ignores NaN
+    nan = nan || l[s] != l[s];
+  }
+  if (nan) m = nan_f();
   float wsum = 0.f;
   if (m != -INFINITY)
     for (int64_t s = 0; s < splits; ++s) wsum += exp2f((l[s] - m) * kLog2e);
-  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  const float inv = m != -INFINITY ? 1.f / wsum : 0.f;  // finite m: wsum >= 1 (its own split)
   for (int c = lane; c < D; c += kWarp) {
     float acc = 0.f;
     if (m != -INFINITY)
@@ -476,9 +558,8 @@ struct BwdParams {
   void *dq, *dk, *dv;
   float* delta;  // (B, H, Tq) fp32 workspace
   int64_t B, H, Hkv, Tq, Tk, D;
-  float scale, qscale;
-  bool causal;
-  int64_t window;
+  float scale;
+  Spec spec;
   bool dropout;
   uint32_t drop_threshold;
   float inv_keep;
@@ -527,14 +608,16 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kDqM / 16 * kWarp, 1) attention_
   const int64_t b = bh / p.H, h = bh % p.H, kvh = h / (p.H / p.Hkv);
   const int64_t i0 = qt * BM, row0 = bh * p.Tq + i0, nrows = min(int64_t(BM), p.Tq - i0);
   const bool row_valid = r < nrows;
-  const int64_t i = i0 + r;
-  const float lse2 = row_valid ? p.lse[row0 + r] * kLog2e : -INFINITY;
+  const int64_t i = i0 + r, pos = i + p.spec.offset;
+  // lse == -inf only for a row with no visible key (zero gradients); a NaN lse makes the row's visible dS NaN.
+  const float lse = row_valid ? p.lse[row0 + r] : -INFINITY;
   const float dlt = row_valid ? p.delta[row0 + r] : 0.f;
   const float* mrow = p.mask && row_valid ? p.mask + b * p.smb + h * p.smh + i * p.smi : nullptr;
+  const float slope = p.spec.alibi ? p.spec.alibi[b * p.spec.alibi_sb + h] : 0.f;
   const uint64_t rowkey = p.dropout ? attn_dropout_row_key(p.seed, b, h, i) : 0;
 
-  const int64_t kmax = p.causal ? min(p.Tk, i0 + nrows) : p.Tk;
-  const int64_t kmin = p.window > 0 ? max(int64_t(0), i0 - p.window + 1) : 0;
+  int64_t kmin, kmax;
+  key_range(p.spec, i0 + p.spec.offset, i0 + nrows - 1 + p.spec.offset, 0, p.Tk, &kmin, &kmax);
   const T* kb = static_cast<const T*>(p.k) + (b * p.Hkv + kvh) * p.Tk * p.D;
   const T* vb = static_cast<const T*>(p.v) + (b * p.Hkv + kvh) * p.Tk * p.D;
   load_tile(Qs, LDT, static_cast<const T*>(p.q) + row0 * p.D, nrows, BM, D, Dk);
@@ -557,14 +640,15 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kDqM / 16 * kWarp, 1) attention_
     for (int u = 0; u < BN / 2; ++u) {
       const int c = half + 2 * u;
       const int64_t j = j0 + c;
-      float ds = 0.f;
-      if (lse2 != -INFINITY && j < kmax && visible(i, j, p.causal, p.window)) {
-        float x = srow[c] * p.qscale;
-        if (mrow) x += mrow[j * p.smj] * kLog2e;
-        const float pr = exp2f(x - lse2);
+      float ds = 0.f, x, th;
+      // Invisible keys get p = dS = 0 before any exponential: exp2(-inf - NaN) would be NaN.
+      if (lse != -INFINITY && j < kmax && visible(p.spec, pos, j) &&
+          score(p.spec, srow[c], p.scale, slope, pos, j, mrow ? mrow + j * p.smj : nullptr, &x, &th)) {
+        const float pr = exp2f((x - lse) * kLog2e);  // s - lse in the natural domain, one rounding of the product
         float dpv = dprow[c];
         if (p.dropout) dpv = attn_dropout_keep(rowkey, j, p.drop_threshold) ? dpv * p.inv_keep : 0.f;
         ds = pr * (dpv - dlt);
+        if (p.spec.softcap > 0.f) ds *= fmaf(-th, th, 1.f);
       }
       dsrow[c] = from_f<T>(ds);  // fp32: overwrites this lane's own dP in place
     }
@@ -592,8 +676,8 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kKvN / 16 * kWarp, 1) attention_
   float* dPts = Sts + BN * LDS;
   T* Pts = sizeof(T) == 2 ? reinterpret_cast<T*>(dPts + BN * LDS) : reinterpret_cast<T*>(Sts);
   T* dSts = sizeof(T) == 2 ? Pts + BN * LDP : reinterpret_cast<T*>(dPts);
-  float* lse2s = sizeof(T) == 2 ? reinterpret_cast<float*>(dSts + BN * LDP) : dPts + BN * LDS;
-  float* deltas = lse2s + BM;
+  float* lses = sizeof(T) == 2 ? reinterpret_cast<float*>(dSts + BN * LDP) : dPts + BN * LDS;
+  float* deltas = lses + BM;
   uint64_t* rowkeys = reinterpret_cast<uint64_t*>(deltas + BM);  // 8-byte aligned: BM is even
 
   const int D = int(p.D), Dk = (D + 15) / 16 * 16;
@@ -611,13 +695,14 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kKvN / 16 * kWarp, 1) attention_
   zero_acc(dKs, LDA, BN, Dk);
   zero_acc(dVs, LDA, BN, Dk);
   // Query rows that can see a key of [j0, j0 + nkeys).
-  const int64_t qlo = p.causal ? min(j0, p.Tq) : 0;
-  const int64_t qhi = p.window > 0 ? min(p.Tq, j0 + nkeys - 1 + p.window) : p.Tq;
+  int64_t qlo, qhi;
+  query_range(p.spec, j0, j0 + nkeys - 1, p.Tq, &qlo, &qhi);
   const bool warp_active = warp * 16 < nkeys;
 
   for (int64_t h = g * G; h < (g + 1) * G; ++h) {
     const int64_t rowh = (b * p.H + h) * p.Tq;
     const float* mh = p.mask ? p.mask + b * p.smb + h * p.smh : nullptr;
+    const float slope = p.spec.alibi ? p.spec.alibi[b * p.spec.alibi_sb + h] : 0.f;
     for (int64_t i0 = qlo; i0 < qhi; i0 += BM) {
       const int64_t nq = min(int64_t(BM), p.Tq - i0);
       __syncthreads();  // the previous step's reads of Q, dO and the row statistics are done
@@ -625,7 +710,7 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kKvN / 16 * kWarp, 1) attention_
       load_tile(dOs, LDT, static_cast<const T*>(p.dout) + (rowh + i0) * p.D, nq, BM, D, Dk);
       for (int c = threadIdx.x; c < BM; c += blockDim.x) {
         const bool ok = c < nq;
-        lse2s[c] = ok ? p.lse[rowh + i0 + c] * kLog2e : -INFINITY;
+        lses[c] = ok ? p.lse[rowh + i0 + c] : -INFINITY;
         deltas[c] = ok ? p.delta[rowh + i0 + c] : 0.f;
         if (p.dropout) rowkeys[c] = attn_dropout_row_key(p.seed, b, h, i0 + c);
       }
@@ -641,13 +726,13 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kKvN / 16 * kWarp, 1) attention_
 #pragma unroll
       for (int u = 0; u < BM / 2; ++u) {
         const int c = half + 2 * u;
-        const int64_t i = i0 + c;
-        const float lse2 = lse2s[c];
-        float pd = 0.f, ds = 0.f;
-        if (key_valid && lse2 != -INFINITY && visible(i, j, p.causal, p.window)) {
-          float x = srow[c] * p.qscale;
-          if (mh) x += mh[i * p.smi + j * p.smj] * kLog2e;
-          const float pr = exp2f(x - lse2);
+        const int64_t i = i0 + c, pos = i + p.spec.offset;
+        const float lse = lses[c];
+        float pd = 0.f, ds = 0.f, x, th;
+        // As in dQ: invisible pairs get p = dS = 0 before any exponential, whatever the row's lse.
+        if (key_valid && lse != -INFINITY && visible(p.spec, pos, j) &&
+            score(p.spec, srow[c], p.scale, slope, pos, j, mh ? mh + i * p.smi + j * p.smj : nullptr, &x, &th)) {
+          const float pr = exp2f((x - lse) * kLog2e);
           float dpv = dprow[c];
           pd = pr;
           if (p.dropout) {
@@ -656,6 +741,7 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::kKvN / 16 * kWarp, 1) attention_
             dpv *= z;
           }
           ds = pr * (dpv - deltas[c]);
+          if (p.spec.softcap > 0.f) ds *= fmaf(-th, th, 1.f);
         }
         prow[c] = from_f<T>(pd);  // fp32: in place over S^T / dP^T (this lane's own elements)
         dsrow[c] = from_f<T>(ds);
@@ -818,7 +904,7 @@ size_t attention_cuda_smem_bytes(DType dtype, int64_t D) {
 cudaError_t launch_attention_fwd(DType dtype, const void* q, const void* k, const void* v, const float* mask,
                                  int64_t smb, int64_t smh, int64_t smi, int64_t smj, void* out, float* lse,
                                  int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t Tk, int64_t D, float scale,
-                                 bool causal, int64_t window, float dropout_p, uint64_t seed, cudaStream_t stream) {
+                                 const AttnSpec& spec, float dropout_p, uint64_t seed, cudaStream_t stream) {
   if (!valid_dim(D) || !valid_heads(B, H, Hkv) || Tq < 0 || Tk < 0 || !(dropout_p >= 0.f && dropout_p < 1.f))
     return cudaErrorInvalidValue;
   if (B * H * Tq == 0) return cudaSuccess;
@@ -839,9 +925,8 @@ cudaError_t launch_attention_fwd(DType dtype, const void* q, const void* k, cons
   p.Tq = Tq;
   p.Tk = Tk;
   p.D = D;
-  p.qscale = scale * kLog2e;
-  p.causal = causal || window > 0;
-  p.window = window > 0 ? window : -1;
+  p.scale = scale;
+  p.spec = device_spec(spec);
   p.dropout = dropout_p > 0.f;
   p.drop_threshold = attn_dropout_threshold(dropout_p);
   p.inv_keep = 1.0f / (1.0f - dropout_p);
@@ -856,7 +941,7 @@ cudaError_t launch_attention_bwd(DType dtype, const void* dout, const void* q, c
                                  const void* out, const float* lse, const float* mask, int64_t smb, int64_t smh,
                                  int64_t smi, int64_t smj, void* dq, void* dk, void* dv, float* workspace,
                                  int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t Tk, int64_t D, float scale,
-                                 bool causal, int64_t window, float dropout_p, uint64_t seed, cudaStream_t stream) {
+                                 const AttnSpec& spec, float dropout_p, uint64_t seed, cudaStream_t stream) {
   if (!valid_dim(D) || !valid_heads(B, H, Hkv) || Tq < 0 || Tk < 0 || !(dropout_p >= 0.f && dropout_p < 1.f))
     return cudaErrorInvalidValue;
   if (B * H * Tq * Tk == 0) {  // no (query, key) pair: zero gradients
@@ -891,9 +976,7 @@ cudaError_t launch_attention_bwd(DType dtype, const void* dout, const void* q, c
   p.Tk = Tk;
   p.D = D;
   p.scale = scale;
-  p.qscale = scale * kLog2e;
-  p.causal = causal || window > 0;
-  p.window = window > 0 ? window : -1;
+  p.spec = device_spec(spec);
   p.dropout = dropout_p > 0.f;
   p.drop_threshold = attn_dropout_threshold(dropout_p);
   p.inv_keep = 1.0f / (1.0f - dropout_p);
@@ -941,9 +1024,10 @@ cudaError_t launch_decode_attention(DType dtype, const void* q, const void* k_ca
   p.Tq = Tn;
   p.Tk = Tmax;
   p.D = D;
-  p.qscale = scale * kLog2e;
-  p.causal = true;
-  p.window = -1;
+  p.scale = scale;
+  AttnSpec causal;  // right = 0; the kernel takes the positions from seqlens
+  causal.right = 0;
+  p.spec = device_spec(causal);
   p.dropout = false;
   p.inv_keep = 1.f;
   p.decode = true;

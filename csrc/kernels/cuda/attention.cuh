@@ -9,9 +9,21 @@
 // Head dims: D % 8 == 0 and 16 <= D <= 256 (kernels are compiled for D padded to 32, 64, 128 or 256; the padded
 // columns are zeros in shared memory).
 // mask: fp32 additive mask or nullptr; element (b, h, i, j) at mask[b*smb + h*smh + i*smi + j*smj] (0 on broadcast
-// dims). causal: key j visible to query i iff j <= i. window > 0: iff i - window < j <= i (implies causal);
-// window <= 0: none. dropout_p in [0, 1) with the keep mask of ../attention_rng.h (the CPU kernels' generator).
-// A row with no visible key gives out = 0, lse = -inf and zero gradients.
+// dims). spec (AttnSpec, ../common.h): which keys row i sees and how its scores are modified, exactly as documented
+// there:
+//   pos_i = i + spec.offset (0: top-left, as SDPA; Tk - Tq: bottom-right, as FlashAttention)
+//   key j visible iff (left < 0 or j >= pos_i - left) and (right < 0 or j <= pos_i + right) and 0 <= j < Tk
+//   s_ij = scale * <q_i, k_j>; then softcap * tanh(s_ij / softcap) if softcap > 0; then - slope_bh * |pos_i - j| if
+//   spec.alibi (fp32 device pointer, slope of (b, h) at alibi[b * alibi_sb + h]); then + mask_ij, where a mask entry
+//   of -inf makes key j invisible whatever s_ij is.
+//   p_ij = exp(s_ij - lse_i) over the visible keys, lse natural log.
+// Only key tiles (and, in the dK/dV kernel, query tiles) that intersect the visible band are visited, so causal and
+// sliding-window problems cost what their band costs, whatever the offset.
+// dropout_p in [0, 1) with the keep mask of ../attention_rng.h (the CPU kernels' generator).
+// A row with no visible key gives out = 0, lse = -inf and exactly zero gradients. NaN or inf in a visible score
+// (e.g. an inf in q) makes the row's out, lse and dq NaN, and dk, dv NaN at every key visible to it; invisible keys
+// get exactly zero p and dS from it (dk = dS^T q still picks up 0 * inf = NaN where the row's q is inf, as in any
+// matmul). The backward treats lse == -inf, and only that, as a row without visible keys.
 //
 // Every launcher returns cudaErrorInvalidValue for arguments outside these limits, cudaErrorInvalidConfiguration
 // when the device's opt-in shared memory per block is below attention_cuda_smem_bytes(dtype, D), else
@@ -36,7 +48,7 @@ size_t attention_cuda_smem_bytes(DType dtype, int64_t D);
 cudaError_t launch_attention_fwd(DType dtype, const void* q, const void* k, const void* v, const float* mask,
                                  int64_t smb, int64_t smh, int64_t smi, int64_t smj, void* out, float* lse,
                                  int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t Tk, int64_t D, float scale,
-                                 bool causal, int64_t window, float dropout_p, uint64_t seed, cudaStream_t stream);
+                                 const AttnSpec& spec, float dropout_p, uint64_t seed, cudaStream_t stream);
 
 // Bytes of fp32 scratch launch_attention_bwd needs (delta = rowsum(dout * out), B*H*Tq floats).
 size_t attention_bwd_workspace_bytes(int64_t B, int64_t H, int64_t Tq);
@@ -49,7 +61,7 @@ cudaError_t launch_attention_bwd(DType dtype, const void* dout, const void* q, c
                                  const void* out, const float* lse, const float* mask, int64_t smb, int64_t smh,
                                  int64_t smi, int64_t smj, void* dq, void* dk, void* dv, float* workspace,
                                  int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t Tk, int64_t D, float scale,
-                                 bool causal, int64_t window, float dropout_p, uint64_t seed, cudaStream_t stream);
+                                 const AttnSpec& spec, float dropout_p, uint64_t seed, cudaStream_t stream);
 
 // The number of key splits launch_decode_attention will use: num_splits clamped to [1, ceil(Tmax / 64)], or when
 // num_splits <= 0, enough splits for about two blocks per SM (sm_count) with at least 256 keys each.
