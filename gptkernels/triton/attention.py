@@ -1,25 +1,51 @@
 """Triton attention: FlashAttention-2 style forward and backward, and split-K flash-decoding.
 
 Layout as torch SDPA: q (B, H, Tq, D); k, v (B, Hkv, Tk, D); query head h reads kv head h // (H // Hkv).
-For query row i of head (b, h) and the keys j visible to it (all; causal: j <= i; window w: i - w < j <= i),
-with an optional additive fp32 mask (-inf allowed):
-    s_ij = scale * <q_i, k_j> + mask_ij,   lse_i = log sum_j exp(s_ij),   p_ij = exp(s_ij - lse_i)
+Which keys a query row sees and how its scores are formed is AttnSpec (csrc/kernels/common.h), shared by every
+backend. For query row i of head (b, h):
+    pos_i = i + offset                       (offset = Tk - Tq when bottom_right, as FlashAttention; else 0, as SDPA)
+    key j visible iff (left < 0 or j >= pos_i - left) and (right < 0 or j <= pos_i + right) and j < Tk
+                      and mask_ij != -inf    (causal: (left, right) = (-1, 0); a window of w keys: left = w - 1)
+    s_ij = scale * <q_i, k_j>
+    s_ij = softcap * tanh(s_ij / softcap)    if softcap > 0
+    s_ij -= slope_bh * |pos_i - j|           if alibi (fp32 (B, H) slopes, any strides: one scalar load per head)
+    s_ij += mask_ij                          if mask (fp32, broadcast to (B, H, Tq, Tk))
+    lse_i = log sum_{j visible} exp(s_ij),   p_ij = exp(s_ij - lse_i) on visible keys, 0 on the others
     out_i = sum_j p_ij * keep_ij / (1 - dropout_p) * v_j          (keep_ij = 1 without dropout)
-A row with no visible key (or only -inf scores) has out = 0, lse = -inf and zero gradients: every exp of a
-difference of two -inf is guarded, so no NaN is ever formed.
+
+NaN rule. A row with no visible key has out = 0, lse = -inf and zero gradients. A non-finite scale * <q_i, k_j> on
+a visible key (inf or NaN in q or k, or an fp32 overflow) poisons row i: out_i, lse_i and dq_i are NaN, and so are
+dk_j and dv_j of every key j visible to row i. The forward turns such a score into NaN before the softcap (whose
+tanh would turn an inf into +-softcap) and before the online softmax (where a visible -inf would weigh 0 in
+silence); NaN and +inf from the mask or the slopes propagate by themselves. Its normalization tests l == 0 for an
+empty row, so a NaN sum stays NaN (a test l > 0 would turn it into -inf). The backward tells the cases apart by lse
+alone (in the preprocess kernel): -inf is an empty row, anything else non-finite a poisoned one; "not finite" never
+means empty. A key invisible to a row gets exactly nothing from it, also from a poisoned row: p = 0 and ds = 0 come
+from tl.where, never from exp(-inf - lse) (NaN when lse is NaN), delta is read as 0 on poisoned rows, and an empty
+or poisoned row's q is loaded as 0, so a 0 * inf in ds^T q cannot reach dk. Not covered: a non-finite k_j or v_j on a
+key invisible to row i still reaches out_i or dq_i through 0 * inf in a tile product (p v, ds k); guarding it
+would cost a pass over every K/V tile.
 
 Forward: one program per (BLOCK_M query rows, b, h). K/V tiles stream through an online softmax (running max m,
-running sum l, accumulator rescaled by exp(m_old - m_new)); the key loop is bounded by the causal/window limits
-of the tile, so fully masked tiles are never visited. Nothing of size Tq x Tk is stored: only out and lse.
+running sum l, accumulator rescaled by exp(m_old - m_new)); the key loop runs over [lo, hi) of _key_range, the keys
+the tile's rows can see given offset, left and right, so tiles outside the window are never visited. Which bounds
+exist is a constexpr (HAS_LEFT, HAS_RIGHT), as are softcap, ALiBi, mask and dropout: the plain non-causal kernel
+compiles none of their code. Nothing of size Tq x Tk is stored: only out and lse.
 
 Backward recomputes p from lse:
-    delta_i = sum_d dout_id * out_id                                            (preprocess kernel)
-    dp_ij = <dout_i, v_j> * keep_ij / (1 - dropout_p),  ds_ij = p_ij * (dp_ij - delta_i)
+    delta_i = sum_d dout_id * out_id       (preprocess kernel, which also maps lse for the NaN rule, see above)
+    dp_ij = <dout_i, v_j> * keep_ij / (1 - dropout_p),  ds_ij = p_ij * (dp_ij - delta_i) * (1 - tanh_ij^2 with softcap)
     dv_j = sum_i p_ij keep_ij / (1 - dropout_p) dout_i,  dk_j = scale sum_i ds_ij q_i,  dq_i = scale sum_j ds_ij k_j
   dK/dV kernel: one program per (BLOCK_N keys, b, kv head), looping over the query heads of its GQA group and
-  their query tiles, so the sum over the group happens in registers. dQ kernel: one program per (BLOCK_M rows,
-  b, h), looping over key tiles. Both recompute s = q k^T (7 tile matmuls instead of the 5 of a single kernel
-  with atomic dq adds): in exchange the gradients are deterministic, bit for bit, run to run.
+  the query tiles of _query_range, so the sum over the group happens in registers. dQ kernel: one program per
+  (BLOCK_M rows, b, h), looping over key tiles. Both recompute s = q k^T (7 tile matmuls instead of the 5 of a single
+  kernel with atomic dq adds): in exchange the gradients are deterministic, bit for bit, run to run.
+
+fp32 precision. The exponent is formed in the natural domain and rounded once: exp(s - m) and exp(s - lse), with
+s - m an fp32 subtraction of the finished scores (on the GPU tl.exp is ex2.approx((s - m) * log2e): one more rounding
+of the difference only). The exp2 idiom (scores, mask and lse each pre-multiplied by log2e) would round each of them
+on its own. With softcap, scale / softcap is folded into one constant, and tanh is libdevice's (2 ulp; tanh.approx,
+2^-11, would miss the fp32 bound); the interpreter has no libdevice and uses _tanh's exp formula and series.
 
 Dropout: keep_ij is a function of (seed, b, h, i, j) only: Philox4x32-10 (tl.philox, the generator behind
 tl.rand) keyed by the seed with the counter (j, i, b * H + h, 0), so any tile shape or loop order, forward or
@@ -45,10 +71,12 @@ when it does not. Batch/head offsets are int64, so tensors over 2^31 elements ar
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from gptkernels.triton._common import device_guard, interpreting, sm_count, unit_last_stride
 
 _INTERPRET = interpreting()  # at import: the autotune decorators below depend on it
+_LIBDEVICE = tl.constexpr(not _INTERPRET)  # the interpreter cannot run libdevice calls
 
 # Under the interpreter (CPU tensors, for testing) every program runs one after another in numpy: one small tile
 # config, no autotuning (each config would rerun every test case). 16 is tl.dot's smallest tile, and T = 17 or 33
@@ -77,8 +105,11 @@ _FWD_TILES_FP32 = [(64, 32, 4, 2), (32, 32, 4, 2)]
 _BWD_TILES_FP32 = [(32, 32, 4, 2), (32, 32, 8, 1)]  # tuples distinct from the 16-bit lists: prune tells them apart
 # Keys: head-dim tile, dtype (added by triton.autotune for every tensor argument), the sequence lengths rounded up
 # to powers of two (a new exact length must not re-tune: decoding and packed batches vary it every call) and the
-# masking variant, which changes the work per tile.
-_KEY = ["BLOCK_D", "TQ_KEY", "TK_KEY", "CAUSAL", "WINDOW", "HAS_MASK", "DROPOUT"]
+# masking and score variant, which changes the work per tile.
+_KEY = ["BLOCK_D", "TQ_KEY", "TK_KEY", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_MASK", "DROPOUT"]
+# A new seed, length bucket or alignment offset (chunked prefill moves it every call) must not recompile; the window
+# bounds only enter index compares, where Triton's divisibility specialization buys nothing.
+_NO_SPECIALIZE = ["seed", "TQ_KEY", "TK_KEY", "offset", "left", "right"]
 # Pruning bounds, applied before any config is timed: 32-bit registers per thread for the live tiles (of 255) and
 # shared memory for the pipelined tiles (of an H100/H200 SM's 227 KB). Estimates, not ptxas numbers: a config that
 # passes but does not fit is still skipped by the autotuner (OutOfResources).
@@ -158,14 +189,74 @@ def _row_mask(row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _visible(rows, cols, Tk, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     # rows, cols: broadcastable index tiles (i as a column and j as a row, or the transpose in the dK/dV kernel).
+    # Only the bounds that exist are compiled in: the plain kernel tests j < Tk alone (the ragged last tile).
     ok = cols < Tk
-    if CAUSAL:
-        ok = ok & (cols <= rows)
-    if WINDOW:
-        ok = ok & (cols > rows - window)
+    pos = rows + offset
+    if HAS_RIGHT:
+        ok = ok & (cols <= pos + right)
+    if HAS_LEFT:
+        ok = ok & (cols >= pos - left)
     return ok
+
+
+@triton.jit
+def _tanh(x):
+    if _LIBDEVICE:
+        t = libdevice.tanh(x)
+    else:
+        # Interpreter only: (1 - e) / (1 + e) with e = exp(-2|x|) loses ~eps/|x| relative for small |x|, where the
+        # series (to x^9, truncation < 2e-10 relative at |x| = 1/8) takes over. NaN stays NaN.
+        ax = tl.abs(x)
+        e = tl.exp(-2.0 * ax)
+        x2 = x * x
+        series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+        t = tl.where(ax < 0.125, series, (1.0 - e) / (1.0 + e))
+        t = tl.where(x < 0.0, -t, t)
+    return t
+
+
+@triton.jit
+def _scores(qk, rows, cols, Tq, Tk, offset, left, right, qk_scale, softcap, slope, Mask, stride_mm, stride_mn,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+            HAS_MASK: tl.constexpr, POISON: tl.constexpr):
+    """(s, t, visible) of AttnSpec for the tile qk = <q_i, k_j> (fp32) with index tiles rows (i) and cols (j).
+
+    s is left as computed on invisible entries (the caller masks it). qk_scale is scale, or scale / softcap with
+    softcap (one rounding instead of two); t = tanh(qk * qk_scale) then, for the backward's 1 - t^2. POISON (forward
+    only): a non-finite qk * qk_scale becomes NaN, so neither tanh nor a weight of exp(-inf) = 0 hides it; the
+    backward needs no such test, lse carries the verdict.
+    """
+    s = qk * qk_scale
+    if POISON:
+        # s * 0 is NaN for +-inf and NaN and 0 otherwise: one FMA, where a compare and a select would be two. No
+        # fast-math flag lets LLVM or ptxas fold x * 0 to 0 (the SASS of the plain fp16 kernel has the FFMA).
+        s = s + s * 0.0
+    t = s
+    if HAS_SOFTCAP:
+        t = _tanh(s)
+        s = softcap * t
+    vis = _visible(rows, cols, Tk, offset, left, right, HAS_LEFT, HAS_RIGHT)
+    if HAS_ALIBI:
+        s -= slope * tl.abs(rows + offset - cols).to(tl.float32)
+    if HAS_MASK:
+        mval = tl.load(Mask + rows.to(tl.int64) * stride_mm + cols * stride_mn, mask=(rows < Tq) & (cols < Tk),
+                       other=0.0)
+        # -inf is "invisible", whatever s is (s may be NaN on a poisoned row: -inf + NaN must not be its score).
+        vis = vis & (mval != float("-inf"))
+        s += mval
+    return s, t, vis
+
+
+@triton.jit
+def _row_stats(LseBwd, Delta, idx, ok):
+    """(lse, delta, live) of the query rows idx, as the preprocess kernel left them (+inf: no visible key, NaN:
+    poisoned). live (finite lse): the rows whose q is read; the others load q = 0, which changes no p (lse decides)
+    and keeps 0 * inf out of dk = ds^T q. Rows past Tq read as empty."""
+    lse = tl.load(LseBwd + idx, mask=ok, other=float("inf"))
+    delta = tl.load(Delta + idx, mask=ok, other=0.0)
+    return lse, delta, tl.abs(lse) < float("inf")
 
 
 @triton.jit
@@ -179,66 +270,71 @@ def _keep(seed, bh, rows, cols, drop_thresh):
 
 
 @triton.jit
-def _key_range(start_m, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-               WINDOW: tl.constexpr):
-    """[lo, hi) of the key tiles that query rows start_m .. start_m + BLOCK_M - 1 can see; lo is tile aligned."""
+def _key_range(start_m, Tq, Tk, offset, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[lo, hi) of the keys that query rows start_m .. start_m + BLOCK_M - 1 (< Tq) can see; lo is tile aligned.
+    Empty (hi <= lo) when none of them sees a key."""
     lo = 0
     hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, start_m + BLOCK_M)
-    if WINDOW:
-        lo = tl.maximum(start_m - window + 1, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(Tk, tl.minimum(start_m + BLOCK_M, Tq) + offset + right)  # last row's pos + right + 1
+    if HAS_LEFT:
+        lo = tl.maximum(start_m + offset - left, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
 
 
 @triton.jit
-def _query_range(start_n, Tq, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 WINDOW: tl.constexpr):
-    """[lo, hi) of the query tiles that see any of keys start_n .. start_n + BLOCK_N - 1; lo is tile aligned."""
+def _query_range(start_n, Tq, Tk, offset, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[lo, hi) of the query rows that see any of keys start_n .. start_n + BLOCK_N - 1 (< Tk); lo is tile
+    aligned. Row i sees key j only if pos_i >= j - right and pos_i <= j + left."""
     lo = 0
     hi = Tq
-    if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-    if WINDOW:
-        hi = tl.minimum(Tq, start_n + BLOCK_N - 1 + window)
+    if HAS_RIGHT:
+        lo = tl.maximum(start_n - right - offset, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(Tq, tl.minimum(start_n + BLOCK_N, Tk) + left - offset)  # last key + left - offset + 1
     return lo, hi
 
 
 @triton.jit
-def _tile_index(pid, n_tiles, CAUSAL: tl.constexpr):
-    # Consecutive programs share a head (its K/V stay in L2). Under causal masking the last query tiles see the most
-    # keys: schedule them first so the short ones fill the tail of the wave.
+def _tile_index(pid, n_tiles, LATE_HEAVY: tl.constexpr):
+    # Consecutive programs share a head (its K/V stay in L2). With a right bound (causal) and no left one, the last
+    # query tiles see the most keys: schedule them first so the short ones fill the tail of the wave.
     t = pid % n_tiles
-    if CAUSAL:
+    if LATE_HEAVY:
         t = n_tiles - 1 - t
     return t, pid // n_tiles
 
 
 # -------------------------------------------------------------------------------------------------- forward
 @_tuned(_FWD_TILES, _FWD_TILES_FP32, _fwd_live)
-@triton.jit(do_not_specialize=["seed", "TQ_KEY", "TK_KEY"])  # a new seed or length bucket must not recompile
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attention_fwd_kernel(
     Q,  # (B, H, Tq, D)
     K,  # (B, Hkv, Tk, D)
     V,  # (B, Hkv, Tk, D)
     Mask,  # (B, H, Tq, Tk) fp32 through broadcast strides; read only when HAS_MASK
+    Alibi,  # (B, H) fp32 slopes, any strides; read only when HAS_ALIBI
     Out,  # (B, H, Tq, D)
     Lse,  # (B, H, Tq) fp32, contiguous
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah,
     stride_ob, stride_oh, stride_om,
     H, Tq, Tk, GROUP,
-    scale, window, drop_thresh, drop_scale, seed,
+    offset, left, right, qk_scale, softcap, drop_thresh, drop_scale, seed,
     TQ_KEY, TK_KEY,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Bytes: q, out and lse once; K/V once per query tile (from L2 for the neighbours of a head).
-    pid_m, pid_bh = _tile_index(tl.program_id(0), tl.cdiv(Tq, BLOCK_M), CAUSAL)
+    pid_m, pid_bh = _tile_index(tl.program_id(0), tl.cdiv(Tq, BLOCK_M), HAS_RIGHT and not HAS_LEFT)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -247,6 +343,9 @@ def _attention_fwd_kernel(
     V += b * stride_vb + hk * stride_vh
     Out += b * stride_ob + h * stride_oh
     Mask += b * stride_mb + h * stride_mh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h * stride_ah)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -258,17 +357,15 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(start_m, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    lo, hi = _key_range(start_m, Tq, Tk, offset, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        n_ok = cols < Tk
-        kv_mask = _row_mask(n_ok, offs_d, HEAD_DIM, BLOCK_D)
+        kv_mask = _row_mask(cols < Tk, offs_d, HEAD_DIM, BLOCK_D)
         k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
-        if HAS_MASK:
-            s += tl.load(Mask + offs_m[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        s = tl.where(_visible(offs_m[:, None], cols[None, :], Tk, window, CAUSAL, WINDOW), s, float("-inf"))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        s, _, vis = _scores(qk, offs_m[:, None], cols[None, :], Tq, Tk, offset, left, right, qk_scale, softcap, slope,
+                            Mask, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_MASK, True)
+        s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible so far has m = -inf: subtract 0 instead (exp(-inf - -inf) would be NaN).
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -281,6 +378,7 @@ def _attention_fwd_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
 
+    # Empty means l == 0 exactly: a poisoned row's NaN l is not empty, and its out and lse stay NaN.
     empty = l_i == 0.0
     out = acc * (drop_scale / tl.where(empty, 1.0, l_i))[:, None]
     tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
@@ -294,13 +392,19 @@ def _attention_fwd_kernel(
 def _attention_bwd_preprocess_kernel(
     Out,  # (B, H, Tq, D)
     DOut,  # (B, H, Tq, D)
+    Lse,  # (B, H, Tq) fp32, contiguous: the forward's
     Delta,  # (B, H, Tq) fp32, contiguous
+    LseBwd,  # (B, H, Tq) fp32, contiguous: lse as the dK/dV and dQ kernels read it
     stride_ob, stride_oh, stride_om,
     stride_db, stride_dh, stride_dm,
     H, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    # Reads out and dout once, writes 4 bytes per row.
+    # Reads out and dout once, lse once; writes 8 bytes per row. Each row is judged here, once, by its lse alone:
+    # -inf (no visible key) becomes +inf, so exp(s - lse) = 0 on every key; any other non-finite value (NaN: a
+    # poisoned row) becomes NaN, so p = NaN on the row's visible keys, and its delta 0, so ds = p * (dp - delta) stays
+    # exactly 0 where tl.where made p = 0 ("not finite" never means "empty"). Done in the dK/dV kernel, these
+    # selects would run once per key tile for every query row.
     pid_m, pid_bh = _tile_index(tl.program_id(0), tl.cdiv(Tq, BLOCK_M), False)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -312,19 +416,24 @@ def _attention_bwd_preprocess_kernel(
                 other=0.0)
     do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :], mask=mask,
                  other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + pid_bh.to(tl.int64) * Tq + offs_m, delta, mask=m_ok)
+    row = pid_bh.to(tl.int64) * Tq + offs_m
+    lse = tl.load(Lse + row, mask=m_ok, other=0.0)
+    live = tl.abs(lse) < float("inf")
+    delta = tl.where(live, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), 0.0)
+    tl.store(Delta + row, delta, mask=m_ok)
+    tl.store(LseBwd + row, tl.where(live, lse, tl.where(lse == float("-inf"), float("inf"), float("nan"))), mask=m_ok)
 
 
 @_tuned(_BWD_TILES, _BWD_TILES_FP32, _dkdv_live)
-@triton.jit(do_not_specialize=["seed", "TQ_KEY", "TK_KEY"])  # a new seed or length bucket must not recompile
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attention_bwd_dkdv_kernel(
     Q,  # (B, H, Tq, D)
     K,  # (B, Hkv, Tk, D)
     V,  # (B, Hkv, Tk, D)
     Mask,  # (B, H, Tq, Tk) fp32 through broadcast strides; read only when HAS_MASK
+    Alibi,  # (B, H) fp32 slopes, any strides; read only when HAS_ALIBI
     DOut,  # (B, H, Tq, D)
-    Lse,  # (B, H, Tq) fp32, contiguous
+    Lse,  # (B, H, Tq) fp32, contiguous: the preprocess kernel's LseBwd
     Delta,  # (B, H, Tq) fp32, contiguous
     DK,  # (B, Hkv, Tk, D), contiguous
     DV,  # (B, Hkv, Tk, D), contiguous
@@ -332,13 +441,14 @@ def _attention_bwd_dkdv_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah,
     stride_db, stride_dh, stride_dm,
     H, Hkv, Tq, Tk, GROUP,
-    scale, window, drop_thresh, drop_scale, seed,
+    offset, left, right, qk_scale, softcap, scale, drop_thresh, drop_scale, seed,
     TQ_KEY, TK_KEY,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Scores are formed transposed, (BLOCK_N keys, BLOCK_M queries), so dv += p^T dout and dk += ds^T q need no
     # transpose of a register tile. Bytes: K/V, dK/dV once; q, dout, lse, delta once per key tile and group head.
@@ -358,28 +468,28 @@ def _attention_bwd_dkdv_kernel(
                 other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, hi = _query_range(start_n, Tq, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    lo, hi = _query_range(start_n, Tq, Tk, offset, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h  # int64
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DOut + b * stride_db + h * stride_dh
         Mh = Mask + b * stride_mb + h * stride_mh
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Alibi + b * stride_ab + h * stride_ah)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             m_ok = offs_m < Tq
-            q_mask = _row_mask(m_ok, offs_d, HEAD_DIM, BLOCK_D)
-            q = tl.load(Qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DOh + offs_m[:, None] * stride_dm + offs_d[None, :], mask=q_mask, other=0.0)
-            # Rows past Tq and fully masked rows (lse = -inf) get lse = +inf: p = exp(s - inf) = 0, never NaN.
-            lse = tl.load(Lse + bh * Tq + offs_m, mask=m_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(Delta + bh * Tq + offs_m, mask=m_ok, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale  # (BLOCK_N, BLOCK_M)
-            if HAS_MASK:
-                st += tl.load(Mh + offs_m[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
-                              mask=n_ok[:, None] & m_ok[None, :], other=0.0)
-            vis = _visible(offs_m[None, :], offs_n[:, None], Tk, window, CAUSAL, WINDOW)
+            lse, delta, live = _row_stats(Lse, Delta, bh * Tq + offs_m, m_ok)
+            q = tl.load(Qh + offs_m[:, None] * stride_qm + offs_d[None, :], other=0.0,
+                        mask=_row_mask(live, offs_d, HEAD_DIM, BLOCK_D))
+            do = tl.load(DOh + offs_m[:, None] * stride_dm + offs_d[None, :], other=0.0,
+                         mask=_row_mask(m_ok, offs_d, HEAD_DIM, BLOCK_D))
+            qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+            st, tt, vis = _scores(qkt, offs_m[None, :], offs_n[:, None], Tq, Tk, offset, left, right, qk_scale,
+                                  softcap, slope, Mh, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                  HAS_ALIBI, HAS_MASK, False)
             pt = tl.where(vis, tl.exp(st - lse[None, :]), 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             if DROPOUT:
@@ -390,6 +500,8 @@ def _attention_bwd_dkdv_kernel(
                 pdt = pt
             dv = tl.dot(pdt.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
+            if HAS_SOFTCAP:
+                dst = dst * (1.0 - tt * tt)
             dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
 
     out_off = (b * Hkv + hk) * Tk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -398,68 +510,69 @@ def _attention_bwd_dkdv_kernel(
 
 
 @_tuned(_BWD_TILES, _BWD_TILES_FP32, _dq_live)
-@triton.jit(do_not_specialize=["seed", "TQ_KEY", "TK_KEY"])  # a new seed or length bucket must not recompile
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attention_bwd_dq_kernel(
     Q,  # (B, H, Tq, D)
     K,  # (B, Hkv, Tk, D)
     V,  # (B, Hkv, Tk, D)
     Mask,  # (B, H, Tq, Tk) fp32 through broadcast strides; read only when HAS_MASK
+    Alibi,  # (B, H) fp32 slopes, any strides; read only when HAS_ALIBI
     DOut,  # (B, H, Tq, D)
-    Lse,  # (B, H, Tq) fp32, contiguous
+    Lse,  # (B, H, Tq) fp32, contiguous: the preprocess kernel's LseBwd
     Delta,  # (B, H, Tq) fp32, contiguous
     DQ,  # (B, H, Tq, D), contiguous
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah,
     stride_db, stride_dh, stride_dm,
     H, Tq, Tk, GROUP,
-    scale, window, drop_thresh, drop_scale, seed,
+    offset, left, right, qk_scale, softcap, scale, drop_thresh, drop_scale, seed,
     TQ_KEY, TK_KEY,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Bytes: q, dout, dq, lse, delta once; K/V once per query tile.
-    pid_m, pid_bh = _tile_index(tl.program_id(0), tl.cdiv(Tq, BLOCK_M), CAUSAL)
+    pid_m, pid_bh = _tile_index(tl.program_id(0), tl.cdiv(Tq, BLOCK_M), HAS_RIGHT and not HAS_LEFT)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
     Mask += b * stride_mb + h * stride_mh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h * stride_ah)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
     q_mask = _row_mask(m_ok, offs_d, HEAD_DIM, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask,
-                other=0.0)
+    lse, delta, live = _row_stats(Lse, Delta, pid_bh.to(tl.int64) * Tq + offs_m, m_ok)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], other=0.0,
+                mask=_row_mask(live, offs_d, HEAD_DIM, BLOCK_D))
     do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :], mask=q_mask,
                  other=0.0)
-    row = pid_bh.to(tl.int64) * Tq + offs_m
-    lse = tl.load(Lse + row, mask=m_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row: p = 0, dq = 0
-    delta = tl.load(Delta + row, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(start_m, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    lo, hi = _key_range(start_m, Tq, Tk, offset, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        n_ok = cols < Tk
-        kv_mask = _row_mask(n_ok, offs_d, HEAD_DIM, BLOCK_D)
+        kv_mask = _row_mask(cols < Tk, offs_d, HEAD_DIM, BLOCK_D)
         k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
-        if HAS_MASK:
-            s += tl.load(Mask + offs_m[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        vis = _visible(offs_m[:, None], cols[None, :], Tk, window, CAUSAL, WINDOW)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        s, t, vis = _scores(qk, offs_m[:, None], cols[None, :], Tq, Tk, offset, left, right, qk_scale, softcap, slope,
+                            Mask, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_MASK, False)
         p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             dp = tl.where(_keep(seed, pid_bh, offs_m[:, None], cols[None, :], drop_thresh), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
     tl.store(DQ + pid_bh.to(tl.int64) * Tq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
@@ -575,8 +688,9 @@ def _check_qkv(q, k, v):
         raise ValueError(f"attention: head dim {D} not supported by triton; supported: 16..256, multiple of 8")
 
 
-def _common(q, k, mask, scale, causal, window, dropout_p, seed):
-    """(mask tensor, its 4 broadcast strides, positional scalars, constexprs) shared by every launch."""
+def _common(q, k, mask, alibi, window_left, window_right, bottom_right, scale, softcap, dropout_p, seed):
+    """What every launch shares: (tensor args Mask, Alibi and their strides, the AttnSpec scalars (offset, left,
+    right, qk_scale, softcap), the trailing scalars (dropout, seed, autotune length keys), constexprs)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if mask is not None:
@@ -586,23 +700,34 @@ def _common(q, k, mask, scale, causal, window, dropout_p, seed):
         mask_strides = tuple(m.stride())
     else:
         m, mask_strides = q, (0, 0, 0, 0)  # a real pointer that HAS_MASK=False never reads
+    if alibi is not None:
+        if alibi.dtype != torch.float32 or tuple(alibi.shape) != (B, H) or alibi.device != q.device:
+            raise ValueError(f"attention: alibi must be fp32 ({B}, {H}) slopes on {q.device}, got {alibi.dtype} "
+                             f"{tuple(alibi.shape)} on {alibi.device}")
+        a, alibi_strides = alibi, tuple(alibi.stride())  # one load per head: any strides, 0 (shared slopes) included
+    else:
+        a, alibi_strides = q, (0, 0)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if window == 0 or window < -1:
-        raise ValueError(f"attention: window must be -1 (none) or >= 1, got {window}")
+    if not softcap >= 0.0:  # NaN fails too
+        raise ValueError(f"attention: softcap must be >= 0 (0: none), got {softcap}")
+    left, right = int(window_left), int(window_right)
     dropout = dropout_p > 0.0
-    windowed = window > 0
-    scalars = (
-        float(scale), int(window) if windowed else 0,
+    spec = (
+        Tk - Tq if bottom_right else 0, max(left, 0), max(right, 0),  # offset, left, right
+        float(scale) / float(softcap) if softcap > 0 else float(scale), float(softcap),  # qk_scale, softcap
+    )  # fmt: skip
+    tail = (
         round(dropout_p * 2**_DROP_BITS) if dropout else 0, 1.0 / (1.0 - dropout_p) if dropout else 1.0,
         int(seed) if dropout else 0,
         triton.next_power_of_2(max(Tq, 1)), triton.next_power_of_2(max(Tk, 1)),  # TQ_KEY, TK_KEY
     )  # fmt: skip
     consts = dict(
-        HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), CAUSAL=bool(causal) or windowed, WINDOW=windowed,
-        HAS_MASK=mask is not None, DROPOUT=dropout, DOT_PREC=_dot_precision(q.dtype),
+        HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
+        DOT_PREC=_dot_precision(q.dtype),
     )
-    return m, mask_strides, scalars, consts
+    return (m, a), mask_strides + alibi_strides, spec, tail, consts
 
 
 def _dot_precision(dtype):
@@ -615,11 +740,15 @@ def _strides3(t):
     return tuple(t.stride()[:3])
 
 
-def attention_fwd(q, k, v, mask, scale: float, causal: bool, window: int, dropout_p: float, seed: int):
-    """Forward: q (B, H, Tq, D); k, v (B, Hkv, Tk, D); mask None or 4-D fp32 broadcastable to (B, H, Tq, Tk).
+def attention_fwd(q, k, v, mask, alibi, scale: float, window_left: int, window_right: int, bottom_right: bool,
+                  softcap: float, dropout_p: float, seed: int):
+    """Forward of AttnSpec (module docstring). q (B, H, Tq, D); k, v (B, Hkv, Tk, D); mask None or 4-D fp32
+    broadcastable to (B, H, Tq, Tk) (-inf: invisible); alibi None or fp32 (B, H) slopes (stride 0 allowed).
 
-    causal: key j visible to query i iff j <= i; window > 0: iff i - window < j <= i (implies causal); -1: none.
-    Returns (out (B, H, Tq, D) contiguous in q.dtype, lse (B, H, Tq) fp32; -inf on rows that see nothing).
+    window_left, window_right: the (left, right) bounds, < 0 for none (causal: -1, 0); bottom_right: pos_i = i + Tk
+    - Tq instead of i. softcap: 0 for none. dropout_p in [0, 1) with its Philox seed.
+    Returns (out (B, H, Tq, D) contiguous in q.dtype, lse (B, H, Tq) fp32, natural log; -inf on rows that see
+    nothing, NaN on poisoned rows).
     """
     _check_qkv(q, k, v)
     B, H, Tq, D = q.shape
@@ -631,23 +760,25 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window: int, dropou
     if Tk == 0:  # no keys: every row is fully masked
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    m, ms, scalars, consts = _common(q, k, mask, scale, causal, window, dropout_p, seed)
+    ptrs, strides, spec, tail, consts = _common(q, k, mask, alibi, window_left, window_right, bottom_right, scale,
+                                                softcap, dropout_p, seed)
 
     def grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)
 
     with device_guard(q):
         _attention_fwd_kernel[grid](
-            q, k, v, m, out, lse,
-            *_strides3(q), *_strides3(k), *_strides3(v), *ms, *_strides3(out),
-            H, Tq, Tk, H // Hkv, *scalars, **consts, **_meta(),
+            q, k, v, *ptrs, out, lse,
+            *_strides3(q), *_strides3(k), *_strides3(v), *strides, *_strides3(out),
+            H, Tq, Tk, H // Hkv, *spec, *tail, **consts, **_meta(),
         )  # fmt: skip
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, mask, scale: float, causal: bool, window: int, dropout_p: float,
-                  seed: int):
-    """Backward of attention_fwd (same mask/causal/window/dropout/seed). dout, out: (B, H, Tq, D); lse (B, H, Tq).
+def attention_bwd(dout, q, k, v, out, lse, mask, alibi, scale: float, window_left: int, window_right: int,
+                  bottom_right: bool, softcap: float, dropout_p: float, seed: int):
+    """Backward of attention_fwd (the same mask, alibi, scale, window, alignment, softcap, dropout and seed).
+    dout, out: (B, H, Tq, D); lse (B, H, Tq), as attention_fwd returned it (it tells empty rows from poisoned ones).
 
     Returns (dq (B, H, Tq, D) in q.dtype, dk, dv (B, Hkv, Tk, D) in k.dtype), contiguous; dk/dv are summed over the
     query heads of each GQA group.
@@ -667,15 +798,18 @@ def attention_bwd(dout, q, k, v, out, lse, mask, scale: float, causal: bool, win
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, q, k, v, out = (unit_last_stride(t) for t in (dout, q, k, v, out))
     lse = lse.float().contiguous()
-    m, ms, scalars, consts = _common(q, k, mask, scale, causal, window, dropout_p, seed)
+    ptrs, strides, spec, tail, consts = _common(q, k, mask, alibi, window_left, window_right, bottom_right, scale,
+                                                softcap, dropout_p, seed)
+    scalars = (*spec, float(scale), *tail)
     block_d = consts["BLOCK_D"]
 
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    lse_bwd = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     # 8192 elements per tile (two tiles live: 64 fp32 registers per thread at 8 warps); 16 rows interpreted.
     pre_m = 16 if _INTERPRET else min(128, 8192 // block_d)
     with device_guard(q):
         _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m) * B * H,)](
-            out, dout, delta, *_strides3(out), *_strides3(dout), H, Tq,
+            out, dout, lse, delta, lse_bwd, *_strides3(out), *_strides3(dout), H, Tq,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=8,
         )  # fmt: skip
 
@@ -683,8 +817,8 @@ def attention_bwd(dout, q, k, v, out, lse, mask, scale: float, causal: bool, win
             return (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,)
 
         _attention_bwd_dkdv_kernel[grid_kv](
-            q, k, v, m, dout, lse, delta, dk, dv,
-            *_strides3(q), *_strides3(k), *_strides3(v), *ms, *_strides3(dout),
+            q, k, v, *ptrs, dout, lse_bwd, delta, dk, dv,
+            *_strides3(q), *_strides3(k), *_strides3(v), *strides, *_strides3(dout),
             H, Hkv, Tq, Tk, H // Hkv, *scalars, **consts, **_meta(),
         )  # fmt: skip
 
@@ -692,13 +826,11 @@ def attention_bwd(dout, q, k, v, out, lse, mask, scale: float, causal: bool, win
             return (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)
 
         _attention_bwd_dq_kernel[grid_q](
-            q, k, v, m, dout, lse, delta, dq,
-            *_strides3(q), *_strides3(k), *_strides3(v), *ms, *_strides3(dout),
+            q, k, v, *ptrs, dout, lse_bwd, delta, dq,
+            *_strides3(q), *_strides3(k), *_strides3(v), *strides, *_strides3(dout),
             H, Tq, Tk, H // Hkv, *scalars, **consts, **_meta(),
         )  # fmt: skip
     return dq, dk, dv
-
-
 
 # A split should hold at least this many keys: below it the partial writes and the merge cost more than the
 # parallelism gains. A guess, not an H200 measurement.
