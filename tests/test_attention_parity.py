@@ -332,7 +332,8 @@ def test_causal_bias(bd, variant, lengths):
     grads_ref = [torch.nan_to_num(g, nan=0.0) for g in grads_ref]
     assert_close(out.cpu(), ref, name="out")
     for name, g, gr in zip(("dq", "dk", "dv"), grads, grads_ref):
-        assert_close(g.cpu(), gr, name=name)
+        # A row that sees one key has p = 1 and dq = 0 exactly (ds = p (dp - delta) = 0): only rounding remains.
+        assert_close(g.cpu(), gr, name=name, atol=1e-6 if name == "dq" else 0.0)
 
 
 def test_causal_bias_checks():
@@ -395,7 +396,7 @@ def test_value_head_dim_differs(bd):
                                                                                   dout.cpu().double())):
         assert_close(g.cpu(), gr)
     if backend is None:
-        assert gk.last(gk.ops.attention._OP)["backend"] == "torch"
+        assert gk.last(gk.ops.attention._OP)[0] == "torch"
 
 
 @pytest.mark.parametrize("bd", BACKENDS)

@@ -189,10 +189,12 @@ def _row_mask(row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, Tk, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _visible(rows, cols, Tq, Tk, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     # rows, cols: broadcastable index tiles (i as a column and j as a row, or the transpose in the dK/dV kernel).
-    # Only the bounds that exist are compiled in: the plain kernel tests j < Tk alone (the ragged last tile).
-    ok = cols < Tk
+    # Only the bounds that exist are compiled in: the plain kernel tests i < Tq and j < Tk (the ragged last tiles).
+    # Rows past Tq must be invisible too: the dK/dV kernel sums p over them, and a NaN key would give them
+    # exp(NaN - lse) = NaN (their q loads as 0, but 0 * NaN is NaN).
+    ok = (cols < Tk) & (rows < Tq)
     pos = rows + offset
     if HAS_RIGHT:
         ok = ok & (cols <= pos + right)
@@ -237,7 +239,7 @@ def _scores(qk, rows, cols, Tq, Tk, offset, left, right, qk_scale, softcap, slop
     if HAS_SOFTCAP:
         t = _tanh(s)
         s = softcap * t
-    vis = _visible(rows, cols, Tk, offset, left, right, HAS_LEFT, HAS_RIGHT)
+    vis = _visible(rows, cols, Tq, Tk, offset, left, right, HAS_LEFT, HAS_RIGHT)
     if HAS_ALIBI:
         s -= slope * tl.abs(rows + offset - cols).to(tl.float32)
     if HAS_MASK:
@@ -680,7 +682,7 @@ def _check_qkv(q, k, v):
     B, H, _, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, Hkv, Tk, D={D})")
-    if k.shape[1] < 1 or H % k.shape[1]:
+    if (k.shape[1] < 1 or H % k.shape[1]) and not H == k.shape[1] == 0:
         raise ValueError(f"attention: the kv head count {k.shape[1]} must divide the query head count {H}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
