@@ -10,6 +10,11 @@ GPT(config, backend="torch") runs the same module tree on the eager PyTorch refe
 model that tests and the profiler compare against. Parameter names follow nanoGPT (transformer.wte, .h.N.attn.c_attn,
 ...), so nanoGPT checkpoints load as they are; :meth:`GPT.from_hf` converts Hugging Face GPT-2 (Conv1D) weights.
 
+Packed batches: ``GPT.forward(idx, cu_seqlens=..., max_seqlen=...)`` treats the B*T tokens of idx as documents laid
+end to end (cu_seqlens holds their start offsets in the flattened tokens); attention runs through
+``flash_attn_varlen_func``, causal within each document and never across two, and positions restart at 0 at every
+document start. Such batches need no padding tokens.
+
 Inference uses a :class:`KVCache`: the prompt is prefilled with the fused attention, then each new token attends to
 the cache with ``decode_attention``. A decode step reads its position from a device tensor and writes the cache in
 place, so it has static shapes and can be captured in a CUDA graph.
@@ -27,7 +32,7 @@ from torch import nn
 
 from gptkernels import nn as gknn
 from gptkernels.nn_mlp import _cast, autocast_dtype
-from gptkernels.ops.attention import decode_attention, scaled_dot_product_attention
+from gptkernels.ops.attention import decode_attention, flash_attn_varlen_func, scaled_dot_product_attention
 
 
 @dataclass(frozen=True)
@@ -124,13 +129,19 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.backend = backend
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, cu_seqlens=None, max_seqlen=None):
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
+        p = self.dropout if self.training else 0.0
+        if cu_seqlens is not None:  # packed documents: the B*T tokens are one flat sequence of documents
+            q, k, v = qkv.view(B * T, 3, self.n_head, C // self.n_head).unbind(1)  # three (B*T, H, D) views
+            y = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=p,
+                                       causal=True, backend=self.backend)  # (B*T, H, D)
+            y = self.c_proj(y.reshape(B, T, C))
+            return F.dropout(y, self.dropout, self.training) if self.dropout else y
         # (B, T, 3, H, D) -> three (B, H, T, D) views: the kernels read any strides, no copy here.
         q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is None:
-            p = self.dropout if self.training else 0.0
             y = scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, backend=self.backend)
         else:
             # Write the T new keys/values at positions pos .. pos+T-1 (in place, index from a device tensor).
@@ -158,8 +169,8 @@ class Block(nn.Module):
         self.mlp = gknn.FusedMLP(config.n_embd, 4 * config.n_embd, config.activation, bias, backend=backend)
         self.dropout = config.dropout
 
-    def forward(self, h, cache=None, layer=0):
-        a = self.attn(self.ln_1(h), cache, layer)  # (B, T, C)
+    def forward(self, h, cache=None, layer=0, cu_seqlens=None, max_seqlen=None):
+        a = self.attn(self.ln_1(h), cache, layer, cu_seqlens, max_seqlen)  # (B, T, C)
         m, h = self.ln_2(a, residual=h)  # h = h + a; m = ln_2(h)
         if self.dropout and self.training:  # dropout sits between the MLP and the residual add
             return h + F.dropout(self.mlp(m), self.dropout, True)
@@ -199,9 +210,18 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False, *, cu_seqlens=None,
+                max_seqlen: int | None = None, position_ids=None):
         """idx: (B, T) int64 token ids. targets: (B, T) or None (-1 = ignored). cache: a KVCache to prefill
         (cache.length == 0) or extend. last_only: compute logits for the last position only (generation).
+
+        Packed documents (training on batches without padding; not with a cache):
+            cu_seqlens: (nseq + 1,) int32 on idx's device, the start offsets of the documents in the flattened
+                idx.view(-1) and its length B*T last; a document may span rows. Attention is causal within each
+                document and never crosses into another.
+            max_seqlen: int, at least the longest document (a host int, so no device sync); at most block_size.
+            position_ids: (B, T) or (T,) positions for the position embedding. Default: 0 .. T-1 in every row, or with
+                cu_seqlens the position within the document (derived on the device, no sync).
 
         Returns (logits, loss): logits (B, T, V) or (B, 1, V), float32 unless autocast; loss is None without targets.
         """
@@ -209,21 +229,24 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: idx must be (B, T) int64 token ids, got {tuple(idx.shape)} {idx.dtype}")
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
+        if start + T > self.config.block_size and cu_seqlens is None:  # packed: documents <= max_seqlen instead
             raise ValueError(f"GPT: sequence length {start + T} exceeds block_size {self.config.block_size}")
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"GPT: cache holds {cache.max_len} positions, {start + T} needed")
         if cache is not None and cache.batch != B:
             raise ValueError(f"GPT: cache was made for batch {cache.batch}, idx has batch {B}")
         dev = idx.device
-        pos = torch.arange(T, device=dev) + (cache.pos if cache is not None else 0)  # (T,)
+        if cu_seqlens is not None or position_ids is not None or max_seqlen is not None:
+            pos = self._packed_positions(idx, cache, cu_seqlens, max_seqlen, position_ids)  # (B, T) or (T,)
+        else:
+            pos = torch.arange(T, device=dev) + (cache.pos if cache is not None else 0)  # (T,)
         h = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         if self.config.dropout and self.training:
             h = F.dropout(h, self.config.dropout, True)
         ac = autocast_dtype(dev.type)  # the ops are not autocast-aware: the residual stream runs in that dtype
         h = _cast(h, ac)
         for i, block in enumerate(self.transformer.h):
-            h = block(h, cache, i)
+            h = block(h, cache, i, cu_seqlens, max_seqlen)
         if cache is not None:
             cache.pos += T
             cache.length += T
@@ -235,6 +258,32 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _packed_positions(self, idx, cache, cu_seqlens, max_seqlen, position_ids):
+        """Checks the packing arguments (shapes and host ints only: no device sync) and returns the positions."""
+        B, T = idx.shape
+        if cache is not None:
+            raise ValueError("GPT: cu_seqlens and position_ids are for training and scoring; a KVCache keeps its own "
+                             "positions (pass one or the other)")
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+                    or cu_seqlens.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"GPT: cu_seqlens must be a 1-D int32 tensor of nseq + 1 >= 2 offsets, got "
+                                 f"{getattr(cu_seqlens, 'shape', cu_seqlens)!r}")
+            if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) \
+                    or not 1 <= max_seqlen <= self.config.block_size:
+                raise ValueError(f"GPT: max_seqlen must be an int in [1, block_size={self.config.block_size}] with "
+                                 f"cu_seqlens (the longest document), got {max_seqlen!r}")
+        elif max_seqlen is not None:
+            raise ValueError("GPT: max_seqlen is given without cu_seqlens")
+        if position_ids is not None:
+            if tuple(position_ids.shape) not in ((B, T), (T,)):
+                raise ValueError(f"GPT: position_ids must be ({B}, {T}) or ({T},), got {tuple(position_ids.shape)}")
+            return position_ids.to(device=idx.device, dtype=torch.long)
+        t = torch.arange(B * T, device=idx.device)
+        cu = cu_seqlens.to(device=idx.device, dtype=torch.long)
+        doc = torch.searchsorted(cu[1:], t, right=True).clamp_(max=cu.numel() - 2)  # document of each token
+        return (t - cu[doc]).view(B, T)  # (B, T) position within the document
 
     # ------------------------------------------------------------------------------------------------ numbers
     def num_params(self, non_embedding: bool = True) -> int:

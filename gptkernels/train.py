@@ -12,6 +12,13 @@ micro-steps per optimizer step; so the same command does the same math on one pr
 ``torchrun --nproc_per_node=N -m gptkernels.train`` (DistributedDataParallel: NCCL on GPU, gloo on CPU), where each
 rank takes its slice of every global batch.
 
+Documents (--docs, default concat): ``concat`` trains on windows of the concatenated corpus, across document
+boundaries, as nanoGPT does. ``pack`` (or --pack) separates the documents with an EOT token and draws the same kind
+of windows, but each row attends only within each of its documents (boundaries found on the host from the EOT
+positions, passed to the model as cu_seqlens; positions restart at every document) and pays nothing for padding.
+``pad`` (or --pad) is packing's baseline: each document chunk of at most block_size tokens in a row of its own,
+padded, the padding left out of the loss. In pad mode tokens/s and MFU count the real (non-padding) tokens only.
+
 Checkpoints (atomic: a temp file in --out-dir, then os.replace) hold everything a run depends on: model, optimizer,
 step, model config, train arguments, RNG states and the data position. ``--resume`` continues bit-exactly: on CPU in
 fp32 the resumed loss curve is identical to an uninterrupted one. ``--stop-at`` ends a run early (checkpointed)
@@ -56,7 +63,7 @@ DEFAULTS = {
                  eval_every=250, eval_steps=20, log_every=10, ckpt_every=500, dtype="bf16"),
 }
 COMMON_DEFAULTS = dict(weight_decay=0.1, grad_clip=1.0, seed=1337, dropout=0.0, corpus_bytes=gkdata.DEFAULT_MAX_BYTES,
-                       compile=False, no_progress=False)
+                       compile=False, no_progress=False, docs="concat")
 # Not taken from a checkpoint's arguments on --resume: where and how this process runs, not what it trains.
 NOT_INHERITED = ("resume", "out_dir", "device", "backend", "compile", "no_progress", "stop_at")
 
@@ -87,6 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="FILE", help="a text file (trained as bytes), a uint16 .bin token file, or a "
                    "folder with train.bin and val.bin (default: this Python's stdlib .py sources)")
     g.add_argument("--corpus-bytes", type=int, help="cap of the default stdlib corpus in bytes (default 10e6)")
+    g.add_argument("--docs", choices=gkdata.DOC_MODES, help="how documents (the corpus's files; the documents of a "
+                   ".bin) fill the rows: concat: windows across document boundaries (default); pack: the same "
+                   "windows, EOT-separated, attention within each document only; pad: one document chunk per row, "
+                   "padded, padding out of the loss")
+    g.add_argument("--pack", dest="docs", action="store_const", const="pack", help="same as --docs pack")
+    g.add_argument("--pad", dest="docs", action="store_const", const="pad", help="same as --docs pad")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, help="sequences per micro-step, summed over all ranks (default: 16 on "
                    "CPU, 32 on CUDA)")
@@ -294,6 +307,7 @@ def _validate(ns, dist: _Dist, device: torch.device):
     need(ns.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
     need(0 <= ns.dropout < 1, "dropout", "must be in [0, 1)")
     need(ns.dtype in ("fp32", "bf16"), "dtype", "must be fp32 or bf16")
+    need(ns.docs in gkdata.DOC_MODES, "docs", f"must be one of {', '.join(gkdata.DOC_MODES)}")
     if ns.dtype == "bf16" and device.type == "cuda":
         need(torch.cuda.is_bf16_supported(), "dtype", f"{torch.cuda.get_device_name(device)} has no bf16")
     need(ns.batch_size % dist.world == 0, "batch_size", f"must be divisible by the number of ranks ({dist.world}); "
@@ -507,9 +521,11 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
     if ckpt is None and os.path.exists(save_path):
         raise TrainConfigError(f"--out-dir {out_dir!r} already holds a checkpoint ({CKPT_NAME}); continue it with "
                                f"--resume or choose another --out-dir")
-    dataset = gkdata.load(args.data, args.corpus_bytes)  # raises DataError or FileNotFoundError naming --data
+    # Raises DataError or FileNotFoundError naming --data.
+    dataset = gkdata.load(args.data, args.corpus_bytes, docs=args.docs != "concat")
     config = _model_config(args, ckpt, dataset.vocab_size)
-    sampler = gkdata.BatchSampler(dataset, config.block_size, args.batch_size, args.seed, config.vocab_size)
+    sampler = gkdata.make_sampler(dataset, args.docs, config.block_size, args.batch_size, args.seed,
+                                  config.vocab_size)
 
     torch.manual_seed(args.seed)  # the same initialization on every rank
     raw = GPT(config, backend=args.backend).to(device)
@@ -551,10 +567,16 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
               f"vocab {config.vocab_size}: {raw.num_params() / 1e6:.2f}M params, "
               f"{flops_per_token / 1e6:.1f} MFLOP/token")
     out.print(f"data: {dataset.description}: train {len(dataset.train):,} tokens, val {len(dataset.val):,}")
+    if args.docs == "pad":
+        out.print(f"docs: pad, one document chunk per row; padding fills {100 * sampler.padding_fraction():.1f}% of "
+                  f"the train slots and counts in neither the loss nor tokens/s")
+    elif args.docs == "pack":
+        out.print("docs: pack, EOT-separated documents; attention within each document, positions restart at each")
     total = tokens_per_step * args.steps
     per_rank = f" ({B // W} per rank)" if W > 1 else ""
-    out.print(f"batch: {B}{per_rank} x {T} tokens x {A} accum = {tokens_per_step:,} tokens/step; {args.steps} steps = "
-              f"{total:,} tokens ({total / len(dataset.train):.2f} epochs); lr {args.lr:g} -> "
+    slots = " slots (real tokens fewer by the padding)" if args.docs == "pad" else ""
+    out.print(f"batch: {B}{per_rank} x {T} tokens x {A} accum = {tokens_per_step:,} tokens{slots}/step; "
+              f"{args.steps} steps = {total:,} tokens ({total / len(dataset.train):.2f} epochs); lr {args.lr:g} -> "
               f"{args.min_lr:g}, warmup {args.warmup}")
     out.print(peak_note)
     out.print(f"out: {out_dir}/{{{LOG_NAME}, {CKPT_NAME}, {PLOT_NAME}}}"
@@ -564,7 +586,8 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
                 "resumed_from": ckpt_path})
 
     t_start = time.perf_counter()
-    train_time, tokens_done = 0.0, 0  # this run's optimizer-step time (no eval, no checkpoints) and tokens
+    train_time, tokens_done = 0.0, 0  # this run's optimizer-step time (no eval, no checkpoints) and real tokens
+    real_tokens = 0  # real tokens since the last train row
     last_loss = last_val = None
     reported_kernels = False
 
@@ -577,9 +600,9 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
         total = torch.zeros((), device=device)
         with torch.no_grad():
             for k in range(args.eval_steps):  # the same val batches every time: evals are comparable
-                x, y = sampler.get("val", k, dist.rank, W, device)
+                b = sampler.get_batch("val", k, dist.rank, W, device)
                 with amp():
-                    total += eval_model(x, y)[1].float()
+                    total += eval_model(b.x, b.y, **b.model_kwargs())[1].float()
         eval_model.train(was_training)
         return dist.mean(total / args.eval_steps).item()
 
@@ -611,13 +634,14 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
             torch.manual_seed(args.seed + 1_000_003 * (step + 1) + dist.rank)
             loss_sum = torch.zeros((), device=device)
             for micro in range(A):
-                x, y = sampler.get("train", batches, dist.rank, W, device)
+                b = sampler.get_batch("train", batches, dist.rank, W, device)
                 batches += 1
+                real_tokens += b.tokens  # counted on the host: B * T unless rows are padded
                 # Gradients are all-reduced on the last micro-step only.
                 sync = model.no_sync() if W > 1 and micro < A - 1 else contextlib.nullcontext()
                 with sync:
                     with amp():
-                        _, loss = model(x, y)
+                        _, loss = model(b.x, b.y, **b.model_kwargs())
                     (loss / A).backward()
                 loss_sum += loss.detach().float()
             if args.grad_clip > 0:
@@ -634,8 +658,8 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
                 last_loss = dist.mean(loss_sum / A).item()  # .item() syncs the device: the timing below is real
                 dt = time.perf_counter() - t_log
                 train_time += dt
-                tokens_done += steps_since_log * tokens_per_step
-                tok_s = steps_since_log * tokens_per_step / dt
+                tokens_done += real_tokens
+                tok_s = real_tokens / dt
                 mfu = flops_per_token * tok_s / (peak * W) if peak else None
                 row = {"kind": "train", "step": step, "loss": last_loss, "lr": lr, "tokens_per_s": round(tok_s, 1),
                        "mfu": None if mfu is None else round(mfu, 5), "elapsed": round(elapsed(), 3)}
@@ -646,7 +670,7 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
                 out.advance(steps_since_log, {"loss": f"{last_loss:.3f}", "tok/s": f"{tok_s:,.0f}"})
                 out.print(f"step {step:>6}/{args.steps} | loss {last_loss:.4f} | lr {lr:.2e} | {tok_s:9,.0f} tok/s"
                           f"{mfu_s} | {elapsed():7.1f} s")
-                steps_since_log = 0
+                steps_since_log = real_tokens = 0
             t_pause = time.perf_counter()
             if step == end or (args.eval_every and step % args.eval_every == 0):
                 do_eval()
