@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 
 #include "common.h"
@@ -18,6 +19,9 @@ namespace gptkernels {
 
 namespace {
 
+// Rows of a (..., N) tensor: numel / N, except that N == 0 leaves the leading dims' product.
+int64_t rows_of(const at::Tensor& t) { return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1); }
+
 // h is undefined without a residual, mean undefined for RMSNorm; stats = false (inference, no backward): mean and
 // rstd are neither allocated nor written (undefined). Each allocation is ~0.5 us at decode sizes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_impl(const at::Tensor& x_,
@@ -27,7 +31,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_impl(co
                                                                               double eps, bool rms, bool stats) {
   TORCH_CHECK(x_.dim() >= 1, "x: must have at least 1 dim");
   const int64_t N = x_.size(-1);
-  TORCH_CHECK(N >= 1, "x: last dim must be >= 1");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == N, "weight: shape must be (", N, ",), got ", weight.sizes());
   TORCH_CHECK(weight.device() == x_.device(), "weight: must be on ", x_.device(), ", got ", weight.device());
   const DType dt = to_kernel_dtype(x_.scalar_type(), "x");
@@ -47,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_impl(co
   const at::Tensor r = has_res ? residual->contiguous() : at::Tensor();
   const at::Tensor w = as_f32_vector(weight);
   const at::Tensor b = has_bias ? as_f32_vector(*bias) : at::Tensor();
-  const int64_t M = x.numel() / N;
+  const int64_t M = rows_of(x);
   at::Tensor y = at::empty_like(x);
   at::Tensor h = has_res ? at::empty_like(x) : at::Tensor();
   at::Tensor mean, rstd;
@@ -57,7 +60,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_impl(co
     if (!rms) mean = at::empty(stat_shape, f32);
     rstd = at::empty(stat_shape, f32);
   }
-  if (M == 0) return {y, h, mean, rstd};
+  if (M == 0 || N == 0) {
+    // Rows of nothing: y and h are empty; the statistics are torch.native_layer_norm's (mean 0, rstd NaN).
+    if (mean.defined()) mean.zero_();
+    if (rstd.defined()) rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {y, h, mean, rstd};
+  }
 
   float* mean_p = stats && !rms ? mean.data_ptr<float>() : nullptr;
   float* rstd_p = stats ? rstd.data_ptr<float>() : nullptr;
@@ -98,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& d
                                                              const at::Tensor& hin_, const at::Tensor& weight,
                                                              const at::Tensor& mean_, const at::Tensor& rstd_,
                                                              bool has_bias, bool rms) {
+  TORCH_CHECK(hin_.dim() >= 1, "hin: must have at least 1 dim");
   const int64_t N = hin_.size(-1);
   const DType dt = to_kernel_dtype(hin_.scalar_type(), "hin");
   TORCH_CHECK(dy_.sizes() == hin_.sizes(), "dy: shape ", dy_.sizes(), " must match the input ", hin_.sizes());
@@ -105,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& d
   const bool has_dh = dh_.has_value() && dh_->defined();
   if (has_dh) TORCH_CHECK(dh_->sizes() == hin_.sizes(), "dh: shape must match the input");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == N, "weight: shape must be (", N, ",)");
-  const int64_t M = hin_.numel() / N;
+  const int64_t M = rows_of(hin_);
   TORCH_CHECK(rstd_.numel() == M, "rstd: must have ", M, " elements");
   if (!rms) TORCH_CHECK(mean_.numel() == M, "mean: must have ", M, " elements");
   TORCH_CHECK(dy_.device() == hin_.device(), "dy: must be on ", hin_.device(), ", got ", dy_.device());
@@ -127,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd(const at::Tensor& d
   at::Tensor dx = at::empty_like(hin);
   at::Tensor dw = at::empty({N}, f32);
   at::Tensor db = has_bias ? at::empty({N}, f32) : at::empty({0}, f32);
-  if (M == 0) {
+  if (M == 0 || N == 0) {  // a sum over no rows is zero; with N == 0 everything is empty
     dw.zero_();
     db.zero_();
     return {dx, dw, db};

@@ -47,6 +47,9 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, co
   TORCH_CHECK(t.device() == ref.device(), name, ": must be on ", ref.device());
 }
 
+// Rows of a (..., N) tensor: numel / N, except that N == 0 leaves the leading dims' product.
+int64_t rows_of(const at::Tensor& t) { return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1); }
+
 at::Tensor check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   const int64_t N = x.size(-1);
@@ -58,15 +61,15 @@ at::Tensor check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x
 }  // namespace
 
 at::Tensor bias_gelu_fwd(const at::Tensor& x_, const std::optional<at::Tensor>& bias, const std::string& activation) {
-  TORCH_CHECK(x_.dim() >= 1 && x_.size(-1) >= 1, "x: must have a non-empty last dim");
+  TORCH_CHECK(x_.dim() >= 1, "x: must have at least 1 dim");
   const Act act = to_act(activation);
   const DType dt = to_kernel_dtype(x_.scalar_type(), "x");
   const at::Tensor b = check_bias(bias, x_);
   // Kernels take rows with stride N; a non-contiguous input is copied here on purpose.
   const at::Tensor x = x_.contiguous();
-  const int64_t N = x.size(-1), M = x.numel() / N;
+  const int64_t N = x.size(-1), M = rows_of(x);
   at::Tensor y = at::empty_like(x);
-  if (M == 0) return y;
+  if (M == 0 || N == 0) return y;
   if (x.is_cuda()) {
 #ifdef GPTKERNELS_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
@@ -87,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& d
                                                              const std::optional<at::Tensor>& bias,
                                                              const std::string& activation, bool want_dbias,
                                                              bool want_y) {
+  TORCH_CHECK(x_.dim() >= 1, "x: must have at least 1 dim");
   const Act act = to_act(activation);
   const DType dt = to_kernel_dtype(x_.scalar_type(), "x");
   check_like(dy_, x_, "dy", "x");
@@ -94,12 +98,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& d
   // A gradient can arrive expanded (stride 0) or transposed; the kernels want contiguous rows.
   const at::Tensor dy = dy_.contiguous();
   const at::Tensor x = x_.contiguous();
-  const int64_t N = x.size(-1), M = x.numel() / N;
+  const int64_t N = x.size(-1), M = rows_of(x);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty_like(x);
   at::Tensor db = want_dbias ? at::empty({N}, f32) : at::empty({0}, f32);
   at::Tensor y = want_y ? at::empty_like(x) : at::empty({0}, x.options());
-  if (M == 0) {
+  if (M == 0 || N == 0) {  // dbias: a sum over no rows is zero (N == 0: all empty)
     db.zero_();
     return {dx, db, y};
   }

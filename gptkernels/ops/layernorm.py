@@ -9,6 +9,8 @@ Shapes: x, residual, y, h: (..., N); weight, bias: (N,). Output dtype = x.dtype;
 Backward saves h (or x), weight, and the per-row fp32 mean and rstd (M = numel / N floats each): never y.
 dweight/dbias are reduced in fp32 (per-block partial sums, then a final reduce) and cast to the weight's dtype.
 With a residual, d(residual) = d(x) = d(h through the norm) + d(h output).
+NaN or inf in x, residual, weight or bias propagate as in eager F.layer_norm / F.rms_norm (a row's statistics carry
+them to the whole row); nothing clamps them. N == 0 gives empty results and gradients, as eager does.
 
 Backends: cuda (CUDA C++), triton, cpu (C++/OpenMP), torch (the eager reference below). See gptkernels._dispatch.
 """
@@ -42,6 +44,11 @@ def rms_norm_ref(x, weight, eps=1e-6, residual=None):
 
 
 # ------------------------------------------------------------------------------------------- registration
+def _rows(t):
+    """t (..., N) as (M, N): reshape(-1, N) cannot infer M when N == 0."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def _fwd_fake(x, weight, bias, residual, eps, rms):
     stats = x.shape[:-1]
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
@@ -62,11 +69,9 @@ def _layernorm_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import layernorm as tl_ln
 
-    n = x.shape[-1]
     y, h, mean, rstd = tl_ln.layernorm_fwd(
-        x.reshape(-1, n).contiguous(), weight.float().contiguous(),
-        bias.float().contiguous() if bias is not None else None,
-        residual.reshape(-1, n).contiguous() if residual is not None else None, eps, rms)
+        _rows(x).contiguous(), weight.float().contiguous(), bias.float().contiguous() if bias is not None else None,
+        _rows(residual).contiguous() if residual is not None else None, eps, rms)
     stats = x.shape[:-1]
     return (y.view(x.shape), h.view(x.shape) if residual is not None else h,
             mean if rms else mean.view(stats), rstd.view(stats))
@@ -79,12 +84,10 @@ def _layernorm_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import layernorm as tl_ln
 
-    n = hin.shape[-1]
     # A gradient can arrive expanded (stride 0) or transposed: make rows contiguous on purpose.
     dx, dw, db = tl_ln.layernorm_bwd(
-        dy.reshape(-1, n).contiguous(), dh.reshape(-1, n).contiguous() if dh is not None else None,
-        hin.reshape(-1, n).contiguous(), weight.float().contiguous(), mean.reshape(-1).contiguous(),
-        rstd.reshape(-1).contiguous(), has_bias, rms)
+        _rows(dy).contiguous(), _rows(dh).contiguous() if dh is not None else None, _rows(hin).contiguous(),
+        weight.float().contiguous(), mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous(), has_bias, rms)
     return dx.view(hin.shape), dw, db
 
 
@@ -120,8 +123,8 @@ def _check(fn, x, weight, bias, residual, eps):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{fn}: x must be a floating-point tensor, got {type(x).__name__}"
                         f"{' of dtype ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{fn}: x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: x must have at least 1 dim (the normalized one), got a 0-d tensor")
     n = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:

@@ -30,6 +30,9 @@ What backward saves (activation memory; the weights are parameters and are saved
                GEMM (addmm), so pre is rounded once, as in eager; the activation kernel runs without a bias there.
     swiglu:    x, g and u, never p = silu(g) * u (recomputed by the fused backward kernel, which also gives dg, du).
 dbias is reduced in fp32 (per-thread / per-block partial rows, then a final reduce) and cast to the bias dtype.
+NaN and inf follow eager PyTorch on every backend: relu(NaN) = NaN and relu's backward is a select (threshold_backward:
+dy where pre > 0 or NaN, 0 where pre <= 0, even for an inf dy); gelu(-inf) = silu(-inf) = -inf * 0 = NaN; their
+gradients at +-inf are NaN. Zero-size inputs (no rows, C == 0, H == 0) give eager's shapes and zero sums.
 
 Backends: cuda (CUDA C++), triton, cpu (C++/OpenMP), torch (the eager references below). See gptkernels._dispatch.
 """
@@ -49,6 +52,11 @@ _APPROXIMATE = {"tanh": "gelu_tanh", "none": "gelu"}
 
 
 # ----------------------------------------------------------------------------------------------- reference
+def _rows(t):
+    """t (..., N) as (M, N): reshape(-1, N) cannot infer M when N == 0 (fused_mlp with C == 0 or H == 0)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def _up(t):
     return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -106,8 +114,7 @@ def _silu_mul_bwd_fake(dp, g, u, want_p):
 def _bias_gelu_fwd_triton(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     from gptkernels.triton import mlp as tl_mlp
 
-    n = x.shape[-1]
-    y = tl_mlp.bias_gelu_fwd(x.reshape(-1, n), bias.float().contiguous() if bias is not None else None, activation)
+    y = tl_mlp.bias_gelu_fwd(_rows(x), bias.float().contiguous() if bias is not None else None, activation)
     return y.view(x.shape)
 
 
@@ -117,9 +124,8 @@ def _bias_gelu_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import mlp as tl_mlp
 
-    n = x.shape[-1]
     # reshape keeps an expanded dy expanded (row stride 0) where it can; the launcher handles any row stride.
-    dx, db, y = tl_mlp.bias_gelu_bwd(dy.reshape(-1, n), x.reshape(-1, n),
+    dx, db, y = tl_mlp.bias_gelu_bwd(_rows(dy), _rows(x),
                                      bias.float().contiguous() if bias is not None else None, activation,
                                      want_dbias, want_y)
     return dx.view(x.shape), db, y.view(x.shape) if want_y else y
@@ -300,9 +306,8 @@ def _select_with_path(fn, x, backend, key, activation=None, hid=0, rows=0):
 class FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_fc, b_fc, w_proj, b_proj, residual, activation, backend, path):
-        c = x.shape[-1]
-        x2 = x.reshape(-1, c)  # (M, C)
-        r2 = residual.reshape(-1, c) if residual is not None else None
+        x2 = _rows(x)  # (M, C)
+        r2 = _rows(residual) if residual is not None else None
         if path == "triton":
             # One kernel each: fc writes pre (saved) and a = act(pre); proj adds b_proj and the residual.
             mm = _op("matmul_act_fwd", "triton")
@@ -336,7 +341,7 @@ class FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, pre, w_fc, w_proj = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, C); may be expanded (row stride 0): the GEMMs take strides
+        dy2 = _rows(dy)  # (M, C); may be expanded (row stride 0): the GEMMs take strides
         has_bfc = ctx.bfc_dtype is not None
         if ctx.path == "triton":
             # dh = (dy @ W_proj) * act'(pre), a = act(pre) and db_fc's partial sums from the GEMM's epilogue.
@@ -361,8 +366,7 @@ class FusedMLPFunction(torch.autograd.Function):
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, backend, path):
-        c = x.shape[-1]
-        x2 = x.reshape(-1, c)  # (M, C)
+        x2 = _rows(x)  # (M, C)
         if path == "triton":
             p, g, u = _op("matmul_swiglu_fwd", "triton")(x2, w_gate.t(), w_up.t())  # one read of x
         else:
@@ -377,7 +381,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, g, u, w_gate, w_up, w_down = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, C)
+        dy2 = _rows(dy)  # (M, C)
         if ctx.path == "triton":
             dg, du, p = _op("matmul_swiglu_bwd", "triton")(dy2, w_down, g, u, True)
         else:
@@ -394,8 +398,8 @@ def _check_x(fn, x):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{fn}: x must be a floating-point tensor, got {type(x).__name__}"
                         f"{' of dtype ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{fn}: x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: x must have at least 1 dim (..., N), got a 0-d tensor")
 
 
 def _check_param(fn, name, t, shape, x, same_dtype=True):

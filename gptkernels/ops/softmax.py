@@ -3,8 +3,13 @@
 Math (row-wise over the last dim N, in fp32 whatever the input dtype):
     z = scale * x + mask,   z[..., i, j] = -inf for j > i when causal
     y = exp(z - max_j z) / sum_j exp(z - max_j z);   a row whose z is all -inf (fully masked) gives y = 0, not NaN
+    A NaN or +inf z in a visible column makes its whole row of y NaN, the columns hidden by causal masking included,
+    as torch.softmax on masked_fill'ed logits does; its row of dx is NaN too (backward sees only y, so hidden columns
+    included, where eager's masked_fill would give 0). A NaN in x at a column that causal masking hides is never
+    read. The mask is additive: NaN + -inf is NaN.
 Backward:
-    dz = y * (dy - sum_j dy * y)   (the gradient of the logits z; 0 wherever y is 0, so masked positions get 0)
+    dz = y * (dy - sum_j dy * y)   (the gradient of the logits z; 0 wherever y is 0, so masked positions get 0,
+                                   except in a NaN row)
     dx = scale * dz,   dmask = dz summed over the dims the mask was broadcast along
 
 Shapes: x, y: (..., N), any float dtype on the torch backend, fp32/fp16/bf16 on the kernels; y has x's dtype.
@@ -51,12 +56,16 @@ def softmax_ref(x, scale=1.0, causal=False, mask=None):
         t, n = z.shape[-2:]
         keep = torch.ones(t, n, dtype=torch.bool, device=z.device).tril()
         z = z.masked_fill(~keep, _NEG_INF)
+    if z.shape[-1] == 0:
+        return torch.softmax(z, -1).to(x.dtype)  # rows of nothing (amax has no identity to return)
     # softmax is shift invariant: the max carries no gradient.
     m = z.amax(-1, keepdim=True).detach()
     m = torch.where(m == _NEG_INF, torch.zeros_like(m), m)  # all -inf: exp(-inf - 0) = 0, not exp(NaN)
     e = torch.exp(z - m)
     s = e.sum(-1, keepdim=True)
-    y = e / torch.where(s > 0, s, torch.ones_like(s))
+    # s == 0 only when every z is -inf (then e is all 0). A NaN or +inf z makes s NaN and the row NaN, as
+    # torch.softmax does: `where(s > 0, s, 1)` would have divided by 1 and kept the rest of the row finite.
+    y = e / torch.where(s == 0, torch.ones_like(s), s)
     return y.to(x.dtype)
 
 

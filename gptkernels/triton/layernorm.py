@@ -331,8 +331,6 @@ def layernorm_fwd(x, weight, bias, residual, eps: float, rms: bool):
     if x.dim() != 2:
         raise ValueError(f"layernorm: x must be 2-D (M, N), got shape {tuple(x.shape)}")
     M, N = x.shape
-    if N == 0:
-        raise ValueError("layernorm: normalizing over an empty last dim (N == 0) is undefined")
     _check_shape("weight", weight, (N,))
     if bias is not None:
         _check_shape("bias", bias, (N,))
@@ -349,7 +347,10 @@ def layernorm_fwd(x, weight, bias, residual, eps: float, rms: bool):
     )
     mean = torch.empty(0 if rms else M, dtype=torch.float32, device=dev)
     rstd = torch.empty(M, dtype=torch.float32, device=dev)
-    if M == 0:
+    if M == 0 or N == 0:
+        # Rows of nothing: y and h are empty; the statistics are torch.native_layer_norm's (mean 0, rstd NaN).
+        mean.zero_()
+        rstd.fill_(float("nan"))
         return y, h, mean, rstd
 
     x = unit_last_stride(x)
@@ -384,8 +385,6 @@ def layernorm_bwd(dy, dh, hin, weight, mean, rstd, has_bias: bool, rms: bool):
     if hin.dim() != 2:
         raise ValueError(f"layernorm: hin must be 2-D (M, N), got shape {tuple(hin.shape)}")
     M, N = hin.shape
-    if N == 0:
-        raise ValueError("layernorm: normalizing over an empty last dim (N == 0) is undefined")
     _check_shape("dy", dy, (M, N))
     _check_shape("weight", weight, (N,))
     _check_shape("rstd", rstd, (M,))
@@ -396,8 +395,8 @@ def layernorm_bwd(dy, dh, hin, weight, mean, rstd, has_bias: bool, rms: bool):
     dev = hin.device
     f32 = torch.float32
     dx = torch.empty((M, N), dtype=hin.dtype, device=dev)
-    if M == 0:
-        # A sum over no rows is zero: here zeros are the result, not a placeholder.
+    if M == 0 or N == 0:
+        # A sum over no rows is zero: here zeros are the result, not a placeholder (N == 0: dx, dw, db are empty).
         dw = torch.zeros(N, dtype=f32, device=dev)
         db = torch.zeros(N, dtype=f32, device=dev) if has_bias else torch.empty(0, dtype=f32, device=dev)
         return dx, dw, db

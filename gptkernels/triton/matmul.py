@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from gptkernels.triton._common import interpreting, on_tensor_device
-from gptkernels.triton.mlp import ACTIVATIONS, _act_and_grad, _sigmoid
+from gptkernels.triton.mlp import ACTIVATIONS, _act_and_grad, _act_bwd, _sigmoid
 
 EPI_ACT, EPI_DACT, EPI_SWIGLU, EPI_DSWIGLU = 0, 1, 2, 3
 ACT_NONE = -1
@@ -172,8 +172,8 @@ def _matmul_kernel(
         tl.store(Y + offs, v.to(T), mask=mask)
     elif EPI == 1:
         pre = tl.load(Aux1 + offs, mask=mask, other=0.0).to(tl.float32)
-        act, dact = _act_and_grad(pre, ACT)
-        dpre = tl.where(mask, acc * dact, 0.0)
+        act, dpre = _act_bwd(pre, acc, ACT)
+        dpre = tl.where(mask, dpre, 0.0)
         tl.store(Y + offs, dpre.to(T), mask=mask)
         if HAS_OUT1:
             tl.store(Out1 + offs, act.to(T), mask=mask)

@@ -28,14 +28,17 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 @triton.jit
 def _sigmoid(z):
-    # exp's argument capped at 88 (e^88 < fp32 max): the same result, 1 / (1 + huge) ~ 0, without an inf on the way
-    # (the interpreter's numpy warns on overflow).
-    return 1.0 / (1.0 + tl.exp(tl.minimum(-z, 88.0)))
+    # From e = e^-|z| in (0, 1]: no overflow on the way (the interpreter's numpy warns on one), sigmoid(-inf) = 0
+    # exactly and NaN stays NaN, so silu(-inf) and gelu(-inf) are -inf * 0 = NaN, as in eager PyTorch. (The former
+    # 1 / (1 + exp(minimum(-z, 88))) gave sigmoid(-inf) = 6e-39, hence -inf, and minimum(NaN, 88) is 88.)
+    e = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + e)
+    return tl.where(z < 0.0, e * r, r)
 
 
 @triton.jit
 def _act_and_grad(v, ACT: tl.constexpr):
-    """(act(v), act'(v)) in fp32."""
+    """(act(v), act'(v)) in fp32. For ReLU multiply through _act_bwd, not by act'(v)."""
     if ACT == 0:
         s = _sigmoid(2.0 * _SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))
         y = v * s
@@ -45,9 +48,21 @@ def _act_and_grad(v, ACT: tl.constexpr):
         y = v * c
         d = c + v * _INV_SQRT_2PI * tl.exp(-0.5 * v * v)
     else:
-        y = tl.maximum(v, 0.0)
-        d = tl.where(v > 0.0, 1.0, 0.0)
+        y = tl.where(v < 0.0, 0.0, v)  # relu(NaN) = NaN: tl.maximum(v, 0.0) is maxnum, which returned 0
+        d = tl.where(v <= 0.0, 0.0, 1.0)
     return y, d
+
+
+@triton.jit
+def _act_bwd(v, dy, ACT: tl.constexpr):
+    """(act(v), dy * act'(v)) in fp32. ReLU's is a select, as eager's threshold_backward: dy where v > 0 or v is
+    NaN, and 0 where v <= 0 even for an inf dy (a product gave 0 * inf = NaN)."""
+    y, d = _act_and_grad(v, ACT)
+    if ACT == 2:
+        dx = tl.where(v <= 0.0, 0.0, dy)
+    else:
+        dx = dy * d
+    return y, dx
 
 
 @triton.jit
@@ -105,8 +120,8 @@ def _bias_gelu_bwd_kernel(
     v = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(B + cols, mask=cols < N, other=0.0)[None, :]
-    y, d = _act_and_grad(v, ACT)
-    dx = tl.where(mask, dy * d, 0.0)
+    y, dx = _act_bwd(v, dy, ACT)
+    dx = tl.where(mask, dx, 0.0)
     tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if WANT_Y:
         tl.store(Yout + rows[:, None] * stride_ym + cols[None, :], y.to(Yout.dtype.element_ty), mask=mask)

@@ -1,7 +1,8 @@
 """Triton softmax over the last dim with a scale, an additive fp32 mask and causal masking.
 
 Forward:  z = scale * x + mask, z = -inf where j > t when causal (t = the row's index in dim -2)
-          y = exp(z - max_j z) / sum_j exp(z - max_j z); a row whose z is all -inf gives zeros
+          y = exp(z - max_j z) / sum_j exp(z - max_j z); a row whose z is all -inf gives zeros, a row with a NaN
+          or +inf z in a live column is NaN
 Backward: dz = y * (dy - sum_j dy * y), dx = scale * dz (dz itself written only when the mask needs a gradient)
 
 Two shapes of kernel, chosen by a constexpr (ONE_CHUNK) so each launch compiles only one of them:
@@ -129,8 +130,9 @@ def _softmax_fwd_kernel(
         e = tl.exp(z - m)
         s = tl.sum(e, axis=0)
         # s >= 1 unless the row is fully masked; then e is all 0 and any finite inv gives zeros (dividing by 1, not
-        # 0, keeps the interpreter's numpy quiet).
-        inv = 1.0 / tl.where(s > 0.0, s, 1.0)
+        # 0, keeps the interpreter's numpy quiet). A NaN or +inf logit makes s NaN (tl.max skips a NaN, its exp does
+        # not; +inf gives inf - inf) and the whole row NaN, as torch.softmax: `where(s > 0.0, ...)` divided by 1.
+        inv = 1.0 / tl.where(s == 0.0, 1.0, s)
         tl.store(Y + cols, (e * inv).to(Y.dtype.element_ty), mask=cols < N)
     else:
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)  # fp32 scalars, loop-carried
@@ -147,7 +149,7 @@ def _softmax_fwd_kernel(
             s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
             m = m_new
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        inv = 1.0 / tl.where(s > 0.0, s, 1.0)  # as in the one-chunk path
+        inv = 1.0 / tl.where(s == 0.0, 1.0, s)  # as in the one-chunk path
         for off in range(0, N, BLOCK_N):
             c = off + cols
             live = c < n_live

@@ -1,5 +1,6 @@
 #include "mlp.h"
 
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -30,10 +31,17 @@
 namespace gptkernels {
 namespace {
 
-// exp(x) for the simd loops, clamped to [-87, 88] (vmath.h): callers only form 1/(1 + e^x) and e^(-z^2).
-using vmath::exp_clamped;
+// exp(x) for x <= 0 (vmath.h): exp(-inf) = 0 exactly, NaN stays NaN, results below e^-87 flush to 0.
+using vmath::exp_nonpos;
 
-inline float sigmoid(float z) { return 1.f / (1.f + exp_clamped(-z)); }
+// 1 / (1 + e^-z) from e = e^-|z| in (0, 1]: sigmoid(-inf) = 0 exactly and NaN stays NaN, so silu(-inf) and
+// gelu(-inf) are -inf * 0 = NaN, as in eager PyTorch. (The former 1 / (1 + exp_clamped(-z)) capped e^-z at e^88:
+// sigmoid(-inf) came out 6e-39 and those became -inf.)
+inline float sigmoid(float z) {
+  const float e = exp_nonpos(-std::fabs(z));
+  const float r = 1.f / (1.f + e);
+  return z < 0.f ? e * r : r;
+}
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kGeluCoef = 0.044715f;
@@ -46,7 +54,7 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 inline void normal_cdf_pdf(float v, float* cdf, float* pdf) {
   const float z = (v < 0.f ? -v : v) * kInvSqrt2;
   const float t = 1.f / (1.f + 0.3275911f * z);
-  const float e = exp_clamped(-z * z);
+  const float e = exp_nonpos(-z * z);  // 0 at |v| = inf: GELU'(+-inf) = c + v * pdf is NaN, as in eager PyTorch
   const float poly =
       t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
   const float half_erfc = 0.5f * poly * e;
@@ -65,25 +73,27 @@ inline float act_fwd(float v) {
     normal_cdf_pdf(v, &c, &p);
     return v * c;
   } else {
-    return v > 0.f ? v : 0.f;
+    return v < 0.f ? 0.f : v;  // relu(NaN) = NaN (`v > 0 ? v : 0` returned 0)
   }
 }
 
-// Returns act'(v); *y = act(v).
+// Returns dy * act'(v); *y = act(v).
 template <Act A>
-inline float act_grad(float v, float* y) {
+inline float act_bwd(float v, float dy, float* y) {
   if constexpr (A == Act::kGeluTanh) {
     const float s = sigmoid(2.f * kSqrt2OverPi * (v + kGeluCoef * v * v * v));
     *y = v * s;
-    return s + v * s * (1.f - s) * (2.f * kSqrt2OverPi) * (1.f + 3.f * kGeluCoef * v * v);
+    return dy * (s + v * s * (1.f - s) * (2.f * kSqrt2OverPi) * (1.f + 3.f * kGeluCoef * v * v));
   } else if constexpr (A == Act::kGeluErf) {
     float c, p;
     normal_cdf_pdf(v, &c, &p);
     *y = v * c;
-    return c + v * p;
+    return dy * (c + v * p);
   } else {
-    *y = v > 0.f ? v : 0.f;
-    return v > 0.f ? 1.f : 0.f;
+    // A select, as eager's threshold_backward: dy passes where v > 0 or v is NaN, and an inf dy where v <= 0 gives
+    // 0, not 0 * inf = NaN.
+    *y = v < 0.f ? 0.f : v;
+    return v <= 0.f ? 0.f : dy;
   }
 }
 
@@ -107,7 +117,7 @@ GPTKERNELS_ISA_CLONES void bwd_row_t(const float* dy, const float* x, const floa
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float yv;
-    const float g = dy[j] * act_grad<A>(x[j] + b[j], &yv);
+    const float g = act_bwd<A>(x[j] + b[j], dy[j], &yv);
     dx[j] = g;
     if constexpr (WY) y[j] = yv;
     if constexpr (WACC) acc[j] += g;

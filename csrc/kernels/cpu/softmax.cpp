@@ -217,13 +217,18 @@ void fwd_impl(const T* x, int64_t stride_xm, T* y, const float* mask, int64_t B,
         float* e = buf.data();
         if constexpr (kF32) e = yr;
         const float s = logits_exp_sum<T>(xr, mrow, add, scale, shift, e, n);
-        const float inv = s > 0.f ? 1.0f / s : 0.f;
+        // s == 0 only for a fully masked row (e is all 0; y stays 0). A NaN or +inf logit makes s NaN (the max
+        // above skips a NaN, but its exp joins the sum; +inf gives inf - inf), and then the whole row is NaN, as in
+        // eager PyTorch: a `s > 0 ? 1 / s : 0` guard here turned those rows into zeros around one NaN.
+        const float inv = s == 0.f ? 0.f : 1.0f / s;
         if constexpr (kF32) {
           scale_inplace(yr, inv, n);
         } else {
           store_scaled<T>(e, inv, yr, n);
         }
-        std::fill(yr + n, yr + N, store_f32<T>(0.f));
+        // Columns past the causal limit: exp(-inf - max) * inv, i.e. 0, or NaN in a NaN row (as torch.softmax on
+        // logits masked_fill'ed with -inf, and as the Triton and CUDA kernels).
+        std::fill(yr + n, yr + N, store_f32<T>(0.f * inv));
       });
 }
 

@@ -13,7 +13,8 @@ namespace gptkernels {
 // mask: fp32 additive mask (nullable), element (b, h, t, j) at mask[b*smb + h*smh + t*smt + j*smn]; broadcast
 // dims have stride 0 (so a (T, N) mask is never expanded to (B, H, T, N)). smn must be 0 or 1.
 // causal: column j of row t is masked (-inf) when j > t (top-left aligned, as PyTorch SDPA).
-// A row with every column masked (max = -inf) gives zeros, not NaN. Math in fp32.
+// A row with every column masked (max = -inf) gives zeros, not NaN; a NaN or +inf logit in a visible column makes
+// its row NaN (as torch.softmax). Math in fp32.
 void softmax_fwd_cpu(DType dtype, const void* x, int64_t stride_xm, void* y, const float* mask, int64_t B,
                      int64_t H, int64_t T, int64_t N, int64_t smb, int64_t smh, int64_t smt, int64_t smn, float scale,
                      bool causal);

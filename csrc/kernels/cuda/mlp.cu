@@ -51,20 +51,21 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
 
-// Returns act'(v); *y = act(v).
+// Returns dy * act'(v); *y = act(v). NaN and inf follow eager PyTorch: sigmoid(-inf) = 1 / (1 + inf) = 0, so
+// gelu(-inf) = -inf * 0 = NaN; ReLU is a select (see csrc/kernels/cpu/mlp.cpp).
 template <Act A>
-__device__ __forceinline__ float act_grad(float v, float* y) {
+__device__ __forceinline__ float act_bwd(float v, float dy, float* y) {
   if constexpr (A == Act::kGeluTanh) {
     const float s = sigmoid(2.f * kSqrt2OverPi * (v + kGeluCoef * v * v * v));
     *y = v * s;
-    return s + v * s * (1.f - s) * (2.f * kSqrt2OverPi) * (1.f + 3.f * kGeluCoef * v * v);
+    return dy * (s + v * s * (1.f - s) * (2.f * kSqrt2OverPi) * (1.f + 3.f * kGeluCoef * v * v));
   } else if constexpr (A == Act::kGeluErf) {
     const float c = normcdff(v);
     *y = v * c;
-    return c + v * kInvSqrt2Pi * expf(-0.5f * v * v);
+    return dy * (c + v * kInvSqrt2Pi * expf(-0.5f * v * v));
   } else {
-    *y = v > 0.f ? v : 0.f;
-    return v > 0.f ? 1.f : 0.f;
+    *y = v < 0.f ? 0.f : v;      // relu(NaN) = NaN
+    return v <= 0.f ? 0.f : dy;  // threshold_backward: dy where v > 0 or NaN; 0 (not 0 * inf) where v <= 0
   }
 }
 
@@ -75,7 +76,7 @@ __device__ __forceinline__ float act_fwd(float v) {
   } else if constexpr (A == Act::kGeluErf) {
     return v * normcdff(v);
   } else {
-    return v > 0.f ? v : 0.f;
+    return v < 0.f ? 0.f : v;  // relu(NaN) = NaN (`v > 0 ? v : 0` returned 0)
   }
 }
 
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(kMaxColThreads* kRowsPerBlock)
       load_vec<T, VEC>(x + row * N + col, v);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        g[j] *= act_grad<A>(v[j] + b[j], &yv[j]);
+        g[j] = act_bwd<A>(v[j] + b[j], g[j], &yv[j]);
         acc[j] += g[j];
       }
       store_vec<T, VEC>(dx + row * N + col, g);

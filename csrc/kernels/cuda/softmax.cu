@@ -231,7 +231,9 @@ __global__ void __launch_bounds__(TPR* RPB) softmax_fwd_reg_kernel(const FwdArgs
       }
     }
     s = row_sum<TPR>(s, red);
-    const float inv = s > 0.f ? 1.0f / s : 0.f;
+    // s == 0 only for a fully masked row. fmaxf skips a NaN logit, but its exp joins the sum, and a +inf logit
+    // gives inf - inf: s is NaN and so is the whole row (a `s > 0` guard here zeroed every other entry).
+    const float inv = s == 0.f ? 0.f : 1.0f / s;
     T* yr = y + r * int64_t(a.N);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -276,8 +278,9 @@ __global__ void __launch_bounds__(TPR) softmax_fwd_loop_kernel(const FwdArgs a) 
     const float mx = row_max<TPR>(m, red);
     const float shift = mx == neg_inf() ? 0.f : mx;
     const float total = row_sum<TPR>(s * __expf(m - shift), red);
-    const float inv = total > 0.f ? 1.0f / total : 0.f;
-    // Pass 2: normalize. Chunks wholly past the causal limit are stored as zeros without reading x.
+    const float inv = total == 0.f ? 0.f : 1.0f / total;  // NaN stays NaN, as in the register path
+    // Pass 2: normalize. Chunks wholly past the causal limit are stored as zeros (NaN in a NaN row) without
+    // reading x.
     T* yr = y + r * int64_t(a.N);
     for (int base = 0; base < a.N; base += CHUNK) {
       float z[V];
@@ -288,7 +291,7 @@ __global__ void __launch_bounds__(TPR) softmax_fwd_loop_kernel(const FwdArgs a) 
         for (int k = 0; k < V; ++k) z[k] = __expf(z[k] - shift) * inv;
       } else {
 #pragma unroll
-        for (int k = 0; k < V; ++k) z[k] = 0.f;
+        for (int k = 0; k < V; ++k) z[k] = 0.f * inv;  // exp(-inf) * inv: 0, or NaN in a NaN row as elsewhere
       }
       store_group<TPR, ALIGNED>(yr, base, tid, a.N, z);
     }

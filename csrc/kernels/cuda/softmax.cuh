@@ -16,7 +16,8 @@ namespace gptkernels {
 // x: M = B*H*T rows of N elements of `dtype`, row r at x + r * stride_xm (any stride, 0 included), columns
 // contiguous. y: (M, N) contiguous, `dtype`. Row r is (b, h, t) = (r / (H*T), (r / T) % H, r % T).
 // mask: fp32 additive mask (nullable); element (b, h, t, j) at mask[b*smb + h*smh + t*smt + j*smn], stride 0 on
-// broadcast dims; smn is 0 or 1. A fully masked row (every z = -inf) gives zeros, not NaN.
+// broadcast dims; smn is 0 or 1. A fully masked row (every z = -inf) gives zeros, not NaN; a NaN or +inf z in a
+// visible column makes its row NaN.
 // Rows up to 16384 elements are held in registers (x read once); longer rows take an online pass (running max
 // and rescaled sum) and a normalize pass, x read twice. Returns cudaErrorInvalidValue for bad arguments, else
 // cudaGetLastError() after the launch. M == 0 or N == 0 launches nothing.
