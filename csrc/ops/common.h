@@ -52,6 +52,10 @@ inline bool eager_plain(const std::optional<at::Tensor>& t) {
   return !t.has_value() || !t->defined() || eager_plain(*t);
 }
 inline bool eager_no_modes() { return !c10::impl::TorchDispatchModeTLS::any_modes_set(); }
+// The row count M of t viewed as (M, N) (the product of all dims but the last; fine when N == 0).
+inline int64_t rows_of(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
 inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 inline bool needs_grad(const std::optional<at::Tensor>& t) { return has_tensor(t) && t->requires_grad(); }
 inline std::optional<at::Tensor> opt(const at::Tensor& t) {

@@ -20,8 +20,6 @@ namespace gptkernels {
 namespace {
 
 // Rows of a (..., N) tensor: numel / N, except that N == 0 leaves the leading dims' product.
-int64_t rows_of(const at::Tensor& t) { return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1); }
-
 // h is undefined without a residual, mean undefined for RMSNorm; stats = false (inference, no backward): mean and
 // rstd are neither allocated nor written (undefined). Each allocation is ~0.5 us at decode sizes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_impl(const at::Tensor& x_,

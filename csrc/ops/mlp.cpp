@@ -48,8 +48,6 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, co
 }
 
 // Rows of a (..., N) tensor: numel / N, except that N == 0 leaves the leading dims' product.
-int64_t rows_of(const at::Tensor& t) { return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1); }
-
 at::Tensor check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   const int64_t N = x.size(-1);

@@ -77,6 +77,11 @@ def kernel_op(name: str, backend: str):
     return registered_op(name, backend)
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., N) as (M, N): reshape(-1, N) cannot infer M when N == 0."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool keep-mask (True = keep/attend) as 0 / -inf in ``dtype``, or a float mask cast to ``dtype``."""
     if mask.dtype == torch.bool:

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from gptkernels import _dispatch
 from gptkernels.ops import _common
 
+_Err, _TypeErr = _dispatch.ArgumentError, _dispatch.ArgumentTypeError
+_rows = _common.rows
+
 
 # ----------------------------------------------------------------------------------------------- reference
 def layer_norm_ref(x, weight, bias=None, eps=1e-5, residual=None, rms=False):
@@ -44,11 +47,6 @@ def rms_norm_ref(x, weight, eps=1e-6, residual=None):
 
 
 # ------------------------------------------------------------------------------------------- registration
-def _rows(t):
-    """t (..., N) as (M, N): reshape(-1, N) cannot infer M when N == 0."""
-    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
-
-
 def _fwd_fake(x, weight, bias, residual, eps, rms):
     stats = x.shape[:-1]
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
@@ -121,31 +119,31 @@ class LayerNormFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------- public
 def _check(fn, x, weight, bias, residual, eps):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{fn}: x must be a floating-point tensor, got {type(x).__name__}"
+        raise _TypeErr(f"{fn}: x must be a floating-point tensor, got {type(x).__name__}"
                         f"{' of dtype ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
     if x.dim() < 1:
-        raise ValueError(f"{fn}: x must have at least 1 dim (the normalized one), got a 0-d tensor")
+        raise _Err(f"{fn}: x must have at least 1 dim (the normalized one), got a 0-d tensor")
     n = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{fn}: {name} must be a floating-point tensor")
+            raise _TypeErr(f"{fn}: {name} must be a floating-point tensor")
         if tuple(t.shape) != (n,):
-            raise ValueError(f"{fn}: {name} must have shape ({n},) to match x's last dim, got {tuple(t.shape)}")
+            raise _Err(f"{fn}: {name} must have shape ({n},) to match x's last dim, got {tuple(t.shape)}")
         if t.device != x.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+            raise _Err(f"{fn}: {name} is on {t.device} but x is on {x.device}")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"{fn}: residual must be a tensor")
+            raise _TypeErr(f"{fn}: residual must be a tensor")
         if residual.shape != x.shape:
-            raise ValueError(f"{fn}: residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
+            raise _Err(f"{fn}: residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
         if residual.dtype != x.dtype:
-            raise TypeError(f"{fn}: residual dtype {residual.dtype} must equal x dtype {x.dtype}")
+            raise _TypeErr(f"{fn}: residual dtype {residual.dtype} must equal x dtype {x.dtype}")
         if residual.device != x.device:
-            raise ValueError(f"{fn}: residual is on {residual.device} but x is on {x.device}")
+            raise _Err(f"{fn}: residual is on {residual.device} but x is on {x.device}")
     if not eps >= 0:
-        raise ValueError(f"{fn}: eps must be >= 0, got {eps}")
+        raise _Err(f"{fn}: eps must be >= 0, got {eps}")
 
 
 _ONES: dict = {}  # (N, device) -> fp32 ones: the weight of a norm without affine scale, made once

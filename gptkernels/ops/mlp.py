@@ -47,16 +47,14 @@ import torch.nn.functional as F
 from gptkernels import _dispatch
 from gptkernels.ops import _common
 
+_Err, _TypeErr = _dispatch.ArgumentError, _dispatch.ArgumentTypeError
+_rows = _common.rows
+
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 _APPROXIMATE = {"tanh": "gelu_tanh", "none": "gelu"}
 
 
 # ----------------------------------------------------------------------------------------------- reference
-def _rows(t):
-    """t (..., N) as (M, N): reshape(-1, N) cannot infer M when N == 0 (fused_mlp with C == 0 or H == 0)."""
-    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
-
-
 def _up(t):
     return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -396,31 +394,31 @@ class SwiGLUFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------- public
 def _check_x(fn, x):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{fn}: x must be a floating-point tensor, got {type(x).__name__}"
+        raise _TypeErr(f"{fn}: x must be a floating-point tensor, got {type(x).__name__}"
                         f"{' of dtype ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
     if x.dim() < 1:
-        raise ValueError(f"{fn}: x must have at least 1 dim (..., N), got a 0-d tensor")
+        raise _Err(f"{fn}: x must have at least 1 dim (..., N), got a 0-d tensor")
 
 
 def _check_param(fn, name, t, shape, x, same_dtype=True):
     if t is None:
         return
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError(f"{fn}: {name} must be a floating-point tensor")
+        raise _TypeErr(f"{fn}: {name} must be a floating-point tensor")
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)} (x's last dim is {x.shape[-1]}), "
+        raise _Err(f"{fn}: {name} must have shape {tuple(shape)} (x's last dim is {x.shape[-1]}), "
                          f"got {tuple(t.shape)}")
     if t.device != x.device:
-        raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+        raise _Err(f"{fn}: {name} is on {t.device} but x is on {x.device}")
     if same_dtype and t.dtype != x.dtype:
-        raise TypeError(f"{fn}: {name} dtype {t.dtype} must equal x dtype {x.dtype} (it feeds a GEMM with x)")
+        raise _TypeErr(f"{fn}: {name} dtype {t.dtype} must equal x dtype {x.dtype} (it feeds a GEMM with x)")
 
 
 def _check_weight2d(fn, name, w, x):
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a tensor, got {type(w).__name__}")
+        raise _TypeErr(f"{fn}: {name} must be a tensor, got {type(w).__name__}")
     if w.dim() != 2:
-        raise ValueError(f"{fn}: {name} must be 2-D (nn.Linear layout (out, in)), got shape {tuple(w.shape)}")
+        raise _Err(f"{fn}: {name} must be 2-D (nn.Linear layout (out, in)), got shape {tuple(w.shape)}")
 
 
 def bias_gelu(x, bias, approximate="tanh", backend=None):
@@ -445,7 +443,7 @@ def bias_gelu(x, bias, approximate="tanh", backend=None):
                 return out
     _check_x("bias_gelu", x)
     if approximate not in _APPROXIMATE:
-        raise ValueError(f"bias_gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
+        raise _Err(f"bias_gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
     _check_param("bias_gelu", "bias", bias, (x.shape[-1],), x, same_dtype=False)
     be = _dispatch.select("bias_gelu", x.device, backend, lambda b: _dispatch.dtype_support(x.dtype, b),
                           key=x.dtype)
@@ -481,7 +479,7 @@ def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=No
                 return out
     _check_x(fn, x)
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{fn}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        raise _Err(f"{fn}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     _check_weight2d(fn, "w_fc", w_fc, x)
     _check_weight2d(fn, "w_proj", w_proj, x)
     c, hid = x.shape[-1], w_fc.shape[0]
@@ -491,9 +489,9 @@ def fused_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh", residual=No
     _check_param(fn, "b_proj", b_proj, (c,), x)
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"{fn}: residual must be a tensor")
+            raise _TypeErr(f"{fn}: residual must be a tensor")
         if residual.shape != x.shape:
-            raise ValueError(f"{fn}: residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
+            raise _Err(f"{fn}: residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
         _check_param(fn, "residual", residual, x.shape, x)
     rows = x.numel() // max(c, 1)
     be, path = _select_with_path(fn, x, backend, (x.dtype, activation, rows <= 1, hid % 8 == 0), activation, hid, rows)

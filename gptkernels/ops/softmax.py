@@ -38,6 +38,8 @@ import torch
 from gptkernels import _dispatch
 from gptkernels.ops import _common
 
+_Err, _TypeErr = _dispatch.ArgumentError, _dispatch.ArgumentTypeError
+
 _NEG_INF = _common.NEG_INF
 
 
@@ -122,29 +124,29 @@ class SoftmaxFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------- public
 def _check(x, scale, causal, mask):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(
+        raise _TypeErr(
             f"softmax: x must be a floating-point tensor, got {type(x).__name__}"
             f"{' of dtype ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}"
         )
     if x.dim() < 1:
-        raise ValueError("softmax: x must have at least 1 dim (softmax runs over the last), got a 0-d tensor")
+        raise _Err("softmax: x must have at least 1 dim (softmax runs over the last), got a 0-d tensor")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"softmax: scale must be a Python float, got {type(scale).__name__}")
+        raise _TypeErr(f"softmax: scale must be a Python float, got {type(scale).__name__}")
     if not math.isfinite(scale):
-        raise ValueError(f"softmax: scale must be finite, got {scale}")
+        raise _Err(f"softmax: scale must be finite, got {scale}")
     if causal and x.dim() < 2:
-        raise ValueError(f"softmax: causal=True needs x with at least 2 dims (..., T, N), got shape {tuple(x.shape)}")
+        raise _Err(f"softmax: causal=True needs x with at least 2 dims (..., T, N), got shape {tuple(x.shape)}")
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"softmax: mask must be a tensor or None, got {type(mask).__name__}")
+        raise _TypeErr(f"softmax: mask must be a tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"softmax: mask must be bool (True = keep) or floating point (additive), got {mask.dtype}")
+        raise _TypeErr(f"softmax: mask must be bool (True = keep) or floating point (additive), got {mask.dtype}")
     if mask.device != x.device:
-        raise ValueError(f"softmax: mask is on {mask.device} but x is on {x.device}")
+        raise _Err(f"softmax: mask is on {mask.device} but x is on {x.device}")
     ok = mask.dim() <= x.dim() and all(m in (1, s) for m, s in zip(reversed(mask.shape), reversed(x.shape)))
     if not ok:
-        raise ValueError(
+        raise _Err(
             f"softmax: mask of shape {tuple(mask.shape)} is not broadcastable to x of shape {tuple(x.shape)}"
         )
 
