@@ -97,6 +97,7 @@ def attention_ref(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
         kf, vf = kf.repeat_interleave(rep, dim=-3), vf.repeat_interleave(rep, dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (qf @ kf.transpose(-2, -1)) * scale
+    s = s + s * 0  # an infinite score poisons its row (NaN): no softcap or exp(-inf) = 0 may hide an inf input
     tq, tk = s.shape[-2], s.shape[-1]
     offset = tk - tq if bottom_right else 0
     if softcap > 0:
@@ -465,10 +466,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         errors are) for bad arguments.
     """
     fn = _OP
-    if (not _common.is_compiling() and isinstance(query, torch.Tensor) and query.dim() >= 3 and dropout_p == 0
+    if (not _common.is_compiling() and type(query) is torch.Tensor and query.dim() >= 3 and dropout_p == 0
             and type(dropout_p) in (float, int) and (scale is None or type(scale) is float)
-            and (window is None or type(window) is int)):
+            and (window is None or type(window) is int) and (attn_mask is None or type(attn_mask) is torch.Tensor)
+            and type(key) is torch.Tensor and type(value) is torch.Tensor):
         # Eager fast path (no dropout: its seed is drawn here): the cached backend decision, then the C++ entry.
+        # Only plain tensors: a subclass that overrides __torch_function__ alone (CausalBias) has no dispatch key
+        # of its own, and the C++ entry would read it as an ordinary tensor.
         rec = _dispatch.choice(fn, query.device, backend, (query.dtype, query.shape[-1], query.shape[-1]))
         if rec is not None and rec[0] in _common.EAGER_BACKENDS:
             out = _common.eager_call(_common.C.attention, query, key, value, attn_mask, scale, is_causal, enable_gqa,

@@ -324,13 +324,16 @@ __device__ __forceinline__ void query_range(const Spec& s, int64_t j_lo, int64_t
   *hi = s.left < 0 ? Tq : min(Tq, max(*lo, j_hi + s.left - s.offset + 1));
 }
 
-// The score s_ij of a visible (pos, j) from its dot product qk = <q_i, k_j>, in the natural-log domain: scale,
-// softcap, ALiBi (slope: this (b, h)'s), then the mask entry at mij (nullptr: no mask). Returns false when that
+// The score s_ij of a visible (pos, j) from its dot product qk = <q_i, k_j>, in the natural-log domain: scale (a
+// non-finite product becomes NaN), softcap, ALiBi (slope: this (b, h)'s), then the mask entry at mij (nullptr: no mask). Returns false when that
 // entry is -inf, which hides the key whatever the score. *th = tanh(scale * qk / softcap) (0 without softcap): the
 // backward's dS is multiplied by the softcap's derivative 1 - th^2. tanhf, not tanh.approx: fp32 needs its accuracy.
 __device__ __forceinline__ bool score(const Spec& sp, float qk, float scale, float slope, int64_t pos, int64_t j,
                                       const float* mij, float* s, float* th) {
   float x = qk * scale;
+  // A non-finite dot product poisons its row (+-inf -> NaN): neither softcap's tanh nor a weight of exp(-inf) = 0
+  // may hide an inf input. x * 0 is 0 for finite x, NaN for +-inf and NaN (no flag of ours lets nvcc fold it).
+  x = fmaf(x, 0.f, x);
   float t = 0.f;
   if (sp.softcap > 0.f) {
     t = tanhf(x * sp.inv_softcap);
