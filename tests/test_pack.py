@@ -351,8 +351,9 @@ def _gpt2():
     transformers.logging.set_verbosity_error()
     config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4, attn_pdrop=0.0,
                                      resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    eager = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    ours = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="gptkernels").eval()
+    # One config object each: from_config records attn_implementation on the config it is given.
+    eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="gptkernels").eval()
     ours.load_state_dict(eager.state_dict())
     return eager.double(), ours
 
