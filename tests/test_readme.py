@@ -35,14 +35,14 @@ def _normalized(text):
     return [re.sub(r" +", " ", line) for line in lines]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_readme_python_examples_print_what_the_readme_shows(index, capsys, monkeypatch):
     """Every Python example in the README runs as printed and prints the output shown after it. The dispatch
     record starts empty, as in a fresh process (gptkernels.explain() reports this process's calls)."""
     from gptkernels import _dispatch
 
     examples = python_examples()
-    assert len(examples) == 3, "update the parametrization when the README's examples change"
+    assert len(examples) == 4, "update the parametrization when the README's examples change"
     code, shown = examples[index]
     if "transformers" in code:
         pytest.importorskip("transformers")
