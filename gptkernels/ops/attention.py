@@ -291,12 +291,14 @@ def _describe(t):
 _Err, _TypeErr = _dispatch.ArgumentError, _dispatch.ArgumentTypeError
 
 
-def _check_qkv(fn, q, k, v, enable_gqa, names=("query", "key", "value"), layout="(..., heads, seq, head_dim)"):
+def _check_qkv(fn, q, k, v, names=("query", "key", "value"), layout="(..., heads, seq, head_dim)", ndim=None):
+    """Float tensors of one dtype and device, with at least 3 dims (exactly ndim when given)."""
     for name, t in zip(names, (q, k, v)):
         if not _is_float_tensor(t):
             raise _TypeErr(f"{fn}: {name} must be a floating-point tensor, got {_describe(t)}")
-        if t.dim() < 3:
-            raise _Err(f"{fn}: {name} must have at least 3 dims {layout}, got shape {tuple(t.shape)}")
+        if t.dim() < 3 or (ndim is not None and t.dim() != ndim):
+            need = f"be {ndim}-D" if ndim is not None else "have at least 3 dims"
+            raise _Err(f"{fn}: {name} must {need} {layout}, got shape {tuple(t.shape)}")
     if not q.dtype == k.dtype == v.dtype:
         raise _TypeErr(f"{fn}: {names[0]}, {names[1]} and {names[2]} must have the same dtype, got {q.dtype}, "
                        f"{k.dtype}, {v.dtype}")
@@ -336,7 +338,7 @@ def _plain_torch_function(t):
 
 
 def _check(fn, q, k, v, attn_mask, dropout_p, scale, enable_gqa, window):
-    _check_qkv(fn, q, k, v, enable_gqa)
+    _check_qkv(fn, q, k, v)
     if not q.shape[:-3] == k.shape[:-3] == v.shape[:-3]:
         raise _Err(f"{fn}: query {tuple(q.shape)}, key {tuple(k.shape)} and value {tuple(v.shape)} must have the "
                    f"same leading (batch) dims")
@@ -507,6 +509,11 @@ attention = scaled_dot_product_attention
 _FA_OP = "flash_attn_func"
 
 
+def _check_fa_heads(fn, H, Hkv):
+    if Hkv != H and (Hkv < 1 or H % Hkv):
+        raise _Err(f"{fn}: the k/v head count {Hkv} must divide q's head count {H}")
+
+
 def _fa_window(fn, causal, window_size):
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
@@ -573,17 +580,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """
     del deterministic
     fn = _FA_OP
-    _check_qkv(fn, q, k, v, True, ("q", "k", "v"), "(batch, seqlen, heads, head_dim)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise _Err(f"{fn}: {name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
+    _check_qkv(fn, q, k, v, ("q", "k", "v"), "(batch, seqlen, heads, head_dim)", ndim=4)
     B, Tq, H, E = q.shape
     Tk, Hkv, Ev = v.shape[1:]
     if k.shape != (B, Tk, Hkv, E) or v.shape[0] != B:
         raise _Err(f"{fn}: q {tuple(q.shape)} is (B, Tq, H, E), so k must be (B, Tk, Hkv, E) and v (B, Tk, Hkv, Ev); "
                    f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if Hkv != H and (Hkv < 1 or H % Hkv):
-        raise _Err(f"{fn}: the k/v head count {Hkv} must divide q's head count {H}")
+    _check_fa_heads(fn, H, Hkv)
     _fa_scalars(fn, dropout_p, softmax_scale, softcap)
     left, right = _fa_window(fn, causal, window_size)
     alibi = _fa_alibi(fn, alibi_slopes, B, H, q.device)
@@ -725,10 +728,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     del deterministic
     fn = _VARLEN_OP
-    _check_qkv(fn, q, k, v, True, ("q", "k", "v"), "(total_tokens, heads, head_dim)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise _Err(f"{fn}: {name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    _check_qkv(fn, q, k, v, ("q", "k", "v"), "(total_tokens, heads, head_dim)", ndim=3)
     if block_table is not None:
         raise _Err(f"{fn}: block_table (a paged KV cache) is not supported; pass contiguous k and v")
     total_q, H, E = q.shape
@@ -736,8 +736,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if k.shape != (total_k, Hkv, E):
         raise _Err(f"{fn}: k must be (total_k, Hkv, E) = ({total_k}, {Hkv}, {E}) to match v {tuple(v.shape)} and q "
                    f"{tuple(q.shape)}, got {tuple(k.shape)}")
-    if Hkv != H and (Hkv < 1 or H % Hkv):
-        raise _Err(f"{fn}: the k/v head count {Hkv} must divide q's head count {H}")
+    _check_fa_heads(fn, H, Hkv)
     _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, q.device)
     _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
