@@ -473,11 +473,18 @@ def _cu(lengths, device):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
+@pytest.mark.parametrize("path", ["padded", "per_sequence"])
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"q{c[0]}-k{c[1]}-h{c[2]}kv{c[3]}-d{c[4]}")
 @pytest.mark.parametrize("bd", BACKENDS)
-def test_flash_attn_varlen_func(bd, case):
-    """Each packed sequence against fa_ref on that sequence alone: no attention across sequences."""
+def test_flash_attn_varlen_func(bd, case, path, monkeypatch):
+    """Each packed sequence against fa_ref on that sequence alone: no attention across sequences. Both strategies:
+    the front-padded batch, and (CPU tensors only) one dense call per sequence."""
     backend, device = bd
+    if path == "per_sequence" and device != "cpu":
+        pytest.skip("one call per sequence is the CPU strategy (it reads the offsets on the host)")
+    from gptkernels.ops import attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "_VARLEN_PAD_WASTE", math.inf if path == "padded" else 0.0)
     lq, lk, H, Hkv, D, causal, window, alibi = case
     q = torch.randn(sum(lq), H, D, device=device, requires_grad=True)
     k = torch.randn(sum(lk), Hkv, D, device=device, requires_grad=True)

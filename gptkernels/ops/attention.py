@@ -703,6 +703,33 @@ def _pad_index(cu, total, width):
     return seq * width + (width - lens[seq]) + (t - cu[seq]), lens
 
 
+# On the CPU the offsets are free to read, so when padding every sequence to max_seqlen would do more than 1.25x the
+# attention work of the sequences themselves, each sequence runs as its own dense call instead (each call costs ~20 us
+# of host time, hence the cap on their number).
+_VARLEN_PAD_WASTE = 1.25
+_VARLEN_LOOP_MAX = 256
+
+
+def _varlen_loop(fn, q, k, v, lq, lk, dropout_p, scale, left, right, softcap, alibi, backend, return_lse):
+    """flash_attn_varlen_func as one dense call per sequence (CPU tensors, offsets as lists)."""
+    H, Ev = q.shape[1], v.shape[2]
+    outs, lses = [], []
+    for b in range(len(lq) - 1):
+        if lq[b + 1] == lq[b]:
+            continue
+        qb = q[lq[b]:lq[b + 1]].transpose(0, 1)[None]  # (1, H, Lq, E)
+        kb = k[lk[b]:lk[b + 1]].transpose(0, 1)[None]
+        vb = v[lk[b]:lk[b + 1]].transpose(0, 1)[None]
+        o, lse = _run(fn, qb, kb, vb, None, dropout_p, scale, left, right, True, float(softcap),
+                      None if alibi is None else alibi[b:b + 1] if alibi.shape[0] > 1 else alibi, backend)
+        outs.append(o[0].transpose(0, 1))  # (Lq, H, Ev)
+        lses.append(lse[0])  # (H, Lq)
+    out = torch.cat(outs) if outs else q.new_zeros(0, H, Ev)
+    if not return_lse:
+        return out
+    return out, (torch.cat(lses, dim=1) if lses else q.new_zeros(H, 0, dtype=torch.float32)), None
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, backend=None):
@@ -711,7 +738,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     The sequences are gathered into a front-padded (nseq, max_seqlen) batch (no host synchronization: max_seqlen
     comes from the caller), run through the dense kernels with a key-padding mask, and scattered back; so the
-    attention itself costs what the padded batch costs, while everything around it runs on the packed tokens.
+    attention itself costs what the padded batch costs, while everything around it runs on the packed tokens. On
+    the CPU, where the offsets are free to read, a batch whose padding would cost over 1.25x the sequences' own
+    attention work (and has at most 256 sequences) runs one dense call per sequence instead.
 
     Args:
         q: (total_q, H, E); k: (total_k, Hkv, E); v: (total_k, Hkv, Ev); Hkv divides H.
@@ -748,6 +777,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     alibi = _fa_alibi(fn, alibi_slopes, nseq, H, q.device)
     scale = 1.0 / math.sqrt(E) if softmax_scale is None else float(softmax_scale)
     mq, mk = int(max_seqlen_q), int(max_seqlen_k)
+    if q.device.type == "cpu" and not _common.is_compiling() and 0 < nseq <= _VARLEN_LOOP_MAX:
+        lq, lk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # free on the CPU
+        work = sum((lq[b + 1] - lq[b]) * (lk[b + 1] - lk[b]) for b in range(nseq))
+        if nseq * mq * mk > _VARLEN_PAD_WASTE * work:
+            return _varlen_loop(fn, q, k, v, lq, lk, dropout_p, scale, left, right, softcap, alibi, backend,
+                                return_attn_probs)
     iq, _ = _pad_index(cu_seqlens_q, total_q, mq)
     ik, lens_k = _pad_index(cu_seqlens_k, total_k, mk)
     qp = q.new_zeros(nseq * mq, H, E).index_copy(0, iq, q).view(nseq, mq, H, E)
