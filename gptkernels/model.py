@@ -32,7 +32,12 @@ from torch import nn
 
 from gptkernels import nn as gknn
 from gptkernels.nn_mlp import _cast, autocast_dtype
-from gptkernels.ops.attention import decode_attention, flash_attn_varlen_func, scaled_dot_product_attention
+from gptkernels.ops.attention import (
+    decode_attention,
+    flash_attn_varlen_func,
+    scaled_dot_product_attention,
+    sequence_positions,
+)
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = qkv.view(B * T, 3, self.n_head, C // self.n_head).unbind(1)  # three (B*T, H, D) views
             y = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=p,
                                        causal=True, backend=self.backend)  # (B*T, H, D)
-            y = self.c_proj(y.reshape(B, T, C))
-            return F.dropout(y, self.dropout, self.training) if self.dropout else y
+            return self._project(y.reshape(B, T, C))
         # (B, T, 3, H, D) -> three (B, H, T, D) views: the kernels read any strides, no copy here.
         q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is None:
@@ -154,7 +158,9 @@ class CausalSelfAttention(nn.Module):
                 seqlens = (cache.pos + T).expand(B)
                 y = decode_attention(q.to(cache.k.dtype), cache.k[layer], cache.v[layer], seqlens,
                                      backend=self.backend).to(q.dtype)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self._project(y.transpose(1, 2).reshape(B, T, C))
+
+    def _project(self, y):  # (B, T, C) heads side by side -> the output projection and its dropout
         y = self.c_proj(y)
         return F.dropout(y, self.dropout, self.training) if self.dropout else y
 
@@ -280,10 +286,8 @@ class GPT(nn.Module):
             if tuple(position_ids.shape) not in ((B, T), (T,)):
                 raise ValueError(f"GPT: position_ids must be ({B}, {T}) or ({T},), got {tuple(position_ids.shape)}")
             return position_ids.to(device=idx.device, dtype=torch.long)
-        t = torch.arange(B * T, device=idx.device)
-        cu = cu_seqlens.to(device=idx.device, dtype=torch.long)
-        doc = torch.searchsorted(cu[1:], t, right=True).clamp_(max=cu.numel() - 2)  # document of each token
-        return (t - cu[doc]).view(B, T)  # (B, T) position within the document
+        _, pos = sequence_positions(cu_seqlens.to(idx.device), B * T)
+        return pos.view(B, T)  # (B, T) position within the document
 
     # ------------------------------------------------------------------------------------------------ numbers
     def num_params(self, non_embedding: bool = True) -> int:

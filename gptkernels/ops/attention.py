@@ -683,24 +683,35 @@ def _check_cu_seqlens(fn, name, cu, total, max_seqlen, device):
         raise _Err(f"{fn}: {name} is on {cu.device} but q is on {device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
         raise _TypeErr(f"{fn}: max_seqlen for {name} must be an int >= 0, got {max_seqlen!r}")
-    # Values are checked where that is free: reading a CUDA tensor would synchronize every call.
-    if cu.device.type == "cpu" and not _common.is_compiling():
-        lens = cu[1:] - cu[:-1]
-        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lens < 0).any()):
-            raise _Err(f"{fn}: {name} must start at 0, never decrease and end at the token count {total}; got "
-                       f"{cu.tolist() if cu.numel() <= 16 else 'a tensor that does not'}")
-        if lens.numel() and int(lens.max()) > max_seqlen:
-            raise _Err(f"{fn}: a sequence of {int(lens.max())} tokens is longer than its max_seqlen {max_seqlen}")
+    # Values are checked where that is free: reading a CUDA tensor would synchronize every call. Returns them as a
+    # list then (the CPU strategy reuses it), else None.
+    if cu.device.type != "cpu" or _common.is_compiling():
+        return None
+    offs = cu.tolist()
+    lens = [b - a for a, b in zip(offs, offs[1:])]
+    if offs[0] != 0 or offs[-1] != total or min(lens, default=0) < 0:
+        raise _Err(f"{fn}: {name} must start at 0, never decrease and end at the token count {total}; got "
+                   f"{offs if len(offs) <= 16 else 'offsets that do not'}")
+    if max(lens, default=0) > max_seqlen:
+        raise _Err(f"{fn}: a sequence of {max(lens)} tokens is longer than its max_seqlen {max_seqlen}")
+    return offs
+
+
+def sequence_positions(cu_seqlens, total):
+    """(seq, pos) int64 (total,): the sequence of each of the total packed tokens and its position in it, from the
+    (nseq + 1,) offsets cu_seqlens (on their device, no host sync)."""
+    cu = cu_seqlens.to(torch.int64)
+    t = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu[1:], t, right=True).clamp_(max=max(cu.numel() - 2, 0))
+    return seq, t - cu[seq]
 
 
 def _pad_index(cu, total, width):
     """Index of each packed token in a (nseq * width) buffer where sequence b fills the LAST lens[b] slots of its
     row: front padding keeps one bottom-right offset (width_k - width_q) right for every sequence."""
-    cu = cu.to(torch.int64)
-    t = torch.arange(total, device=cu.device)
-    seq = torch.searchsorted(cu[1:], t, right=True)
-    lens = cu[1:] - cu[:-1]
-    return seq * width + (width - lens[seq]) + (t - cu[seq]), lens
+    seq, pos = sequence_positions(cu, total)
+    lens = (cu[1:] - cu[:-1]).to(torch.int64)
+    return seq * width + (width - lens[seq]) + pos, lens
 
 
 # On the CPU the offsets are free to read, so when padding every sequence to max_seqlen would do more than 1.25x the
@@ -766,8 +777,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise _Err(f"{fn}: k must be (total_k, Hkv, E) = ({total_k}, {Hkv}, {E}) to match v {tuple(v.shape)} and q "
                    f"{tuple(q.shape)}, got {tuple(k.shape)}")
     _check_fa_heads(fn, H, Hkv)
-    _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, q.device)
-    _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, q.device)
+    lq = _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, q.device)
+    lk = _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise _Err(f"{fn}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                    f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
@@ -777,8 +788,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     alibi = _fa_alibi(fn, alibi_slopes, nseq, H, q.device)
     scale = 1.0 / math.sqrt(E) if softmax_scale is None else float(softmax_scale)
     mq, mk = int(max_seqlen_q), int(max_seqlen_k)
-    if q.device.type == "cpu" and not _common.is_compiling() and 0 < nseq <= _VARLEN_LOOP_MAX:
-        lq, lk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # free on the CPU
+    if lq is not None and 0 < nseq <= _VARLEN_LOOP_MAX:  # CPU offsets, already read by the checks
         work = sum((lq[b + 1] - lq[b]) * (lk[b + 1] - lk[b]) for b in range(nseq))
         if nseq * mq * mk > _VARLEN_PAD_WASTE * work:
             return _varlen_loop(fn, q, k, v, lq, lk, dropout_p, scale, left, right, softcap, alibi, backend,
