@@ -129,6 +129,26 @@ GK_VMATH_INLINE F exp2_nonpos(F x) {
   return x >= lo ? e : (x == x ? F{} : x);
 }
 
+// tanh for finite x (the attention softcap): x + x^3 P(x^2) below |x| = 0.625, P a degree-4 fit of relative error
+// 4.4e-9 (Lawson-weighted least squares on [0, 0.625]), which keeps small arguments' relative digits; above,
+// 1 - 2 / (e^{2|x|} + 1) with exp_clamped. Measured vs fp64 tanh on [-12, 12] every 2^-14 (2-core EPYC, GCC 12;
+// FMA and SSE2 builds within 5% of each other): 7.5e-8 relative below 0.625, 7.9e-8 absolute above (1.4e-7
+// relative at worst, near 0.64), about 1 ulp.
+template <class F>
+GK_VMATH_INLINE F tanh_finite(F x) {
+  using namespace detail;
+  const F ax = x < 0.f ? -x : x, t = x * x;
+  F p = splat<F>(-5.704984383e-03f);
+  p = p * t + 2.063908504e-02f;
+  p = p * t - 5.373971446e-02f;
+  p = p * t + 1.333144219e-01f;
+  p = p * t - 3.333328194e-01f;
+  const F small = ax + ax * t * p;
+  const F big = 1.f - 2.f / (exp_clamped(ax + ax) + 1.f);
+  const F r = ax < 0.625f ? small : big;
+  return x < 0.f ? -r : r;
+}
+
 // Scalar float overloads (what the softmax and MLP loops call; GCC vectorizes the loops around them). Same math
 // as the templates, written with plain scalar code: inlined into the target_clones loops of softmax.cpp and mlp.cpp,
 // the template form ran GELU fwd/bwd and softmax fwd 6-13% slower at 1024x3072 fp32, one thread (2-core EPYC),
