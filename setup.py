@@ -10,6 +10,7 @@ Environment:
 import glob
 import os
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -102,7 +103,9 @@ def extensions():
     with_cuda, why = want_cuda(torch, cpp_extension)
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/ops/*.cpp")) + sorted(glob.glob("csrc/kernels/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]  # torch.utils.cpp_extension picks the C++ standard torch needs (C++20 for 2.14)
-    define_macros = []
+    # The reason travels into the build, so `python -m gptkernels info` can say why CUDA is in or out (pip hides
+    # this script's output unless run with -v).
+    define_macros = [("GPTKERNELS_CUDA_WHY", '"' + why.replace("\\", "/").replace('"', "'") + '"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = {}
     link_args = ["-fopenmp"]
@@ -137,7 +140,24 @@ def extensions():
         extra_link_args=link_args,
         **kwargs,
     )
-    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], persistent_build_dir(cpp_extension.BuildExtension).with_options(use_ninja=True)
+
+
+def persistent_build_dir(base):
+    """build_ext whose objects and ninja state live in ./build, not in a temporary folder.
+
+    `pip install -e .` builds in a fresh temporary directory each time, so every reinstall recompiled everything
+    (about 3 minutes on 2 cores). With a fixed folder, ninja recompiles only the sources (and headers) that changed
+    and relinks; a changed compiler command line (another torch, GPTKERNELS_CUDA) also triggers a recompile.
+    """
+
+    class BuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
+
+    return BuildExt
 
 
 ext_modules, build_ext = extensions()

@@ -36,6 +36,11 @@ py::dict build_info() {
   d["cuda_archs"] = std::string();
   d["cuda_runtime_version"] = 0;
 #endif
+#ifdef GPTKERNELS_CUDA_WHY
+  d["cuda_why"] = std::string(GPTKERNELS_CUDA_WHY);  // why CUDA is in or out of this build (from setup.py)
+#else
+  d["cuda_why"] = std::string("built without setup.py");
+#endif
 #ifdef _OPENMP
   d["openmp"] = true;
   d["openmp_max_threads"] = omp_get_max_threads();

@@ -273,8 +273,8 @@ def _register_softmax():
 
 # ------------------------------------------------------------------------------------------------ attention
 # Causal self-attention on (B, H, T, D). CUDA: llama-7b is the headline shape B=4, H=32, T=4096, D=128; gpt2 is
-# B=16, H=12, T=1024, D=64. CPU: one sequence, heads cut so the (T, T) scores of eager stay small; the CPU
-# target shape is `--shapes 4x8x1024x64`.
+# B=16, H=12, T=1024, D=64. CPU: one sequence, heads cut so the (T, T) scores of eager stay small; the CPU goal
+# is measured at `--shapes 4x8x1024x64`.
 def _attn_shape(preset, device_type):
     if preset == "tiny":
         return (1, 2, 40, 32)
