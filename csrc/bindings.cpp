@@ -125,6 +125,15 @@ PYBIND11_MODULE(_C, m) {
       },
       "Eager scaled_dot_product_attention (dropout 0): out, or None for the checked Python path.");
   m.def(
+      "flash_attn",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::optional<double> softmax_scale,
+         bool causal, int64_t window_left, int64_t window_right, double softcap) {
+        return eager_call("gptkernels::flash_attn_func", q.numel() + k.numel(), [&] {
+          return gptkernels::flash_attn_eager(q, k, v, softmax_scale, causal, window_left, window_right, softcap);
+        });
+      },
+      "Eager flash_attn_func (no dropout, no ALiBi): out, or None for the checked Python path.");
+  m.def(
       "decode_attention",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
          std::optional<double> scale) {

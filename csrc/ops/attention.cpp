@@ -284,25 +284,36 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& v,
                                                 const std::optional<at::Tensor>& mask, double scale, int64_t left,
-                                                int64_t right) {
-    auto [out, lse] = attention_fwd(q, k, v, mask, std::nullopt, scale, left, right, false, 0.0, 0.0, 0);
+                                                int64_t right, bool bottom_right, double softcap) {
+    auto [out, lse] = attention_fwd(q, k, v, mask, std::nullopt, scale, left, right, bottom_right, softcap, 0.0, 0);
     ctx->save_for_backward({q, k, v, out, lse, mask.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["left"] = left;
     ctx->saved_data["right"] = right;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["softcap"] = softcap;
     return {out};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    auto [dq, dk, dv] =
-        attention_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], opt(s[5]), std::nullopt,
-                      ctx->saved_data["scale"].toDouble(), ctx->saved_data["left"].toInt(),
-                      ctx->saved_data["right"].toInt(), false, 0.0, 0.0, 0);
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [dq, dk, dv] = attention_bwd(
+        grads[0], s[0], s[1], s[2], s[3], s[4], opt(s[5]), std::nullopt, ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["left"].toInt(), ctx->saved_data["right"].toInt(), ctx->saved_data["bottom_right"].toBool(),
+        ctx->saved_data["softcap"].toDouble(), 0.0, 0);
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// out of q (B, H, Tq, D), k, v (B, Hkv, Tk, D): through AttentionFn when a gradient is wanted, else forward alone.
+at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, double scale, int64_t left, int64_t right,
+                              bool bottom_right, double softcap) {
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad()))
+    return AttentionFn::apply(q, k, v, mask, scale, left, right, bottom_right, softcap)[0];
+  return std::get<0>(attention_fwd(q, k, v, mask, std::nullopt, scale, left, right, bottom_right, softcap, 0.0, 0));
+}
 
 }  // namespace
 
@@ -321,7 +332,6 @@ EagerOut attention_eager(const at::Tensor& query, const at::Tensor& key, const a
   if (key.size(-3) != H && key.size(-3) != 1 && !enable_gqa) return std::nullopt;  // one kv head broadcasts
   if (key.size(-1) != D || value.size(-1) != D) return std::nullopt;  // Ev != E: the torch backend
   if ((scale && !std::isfinite(*scale)) || (window && *window < 1)) return std::nullopt;
-  const bool grad_mode = at::GradMode::is_enabled();
   int64_t B = 1;
   for (const int64_t s : lead) B *= s;
   // (B, H, T, D) views for 3-D and 4-D inputs, as the Python path's reshape.
@@ -332,7 +342,7 @@ EagerOut attention_eager(const at::Tensor& query, const at::Tensor& key, const a
   if (has_tensor(attn_mask)) {
     const at::Tensor& am = *attn_mask;
     if (am.scalar_type() != at::kBool && !am.is_floating_point()) return std::nullopt;
-    if (grad_mode && am.requires_grad()) return std::nullopt;
+    if (at::GradMode::is_enabled() && am.requires_grad()) return std::nullopt;
     if (am.dim() > 4 || (am.dim() == 4 && lead.size() > 1)) return std::nullopt;  // a batch-flattening copy: Python
     std::vector<int64_t> shape4(size_t(4 - am.dim()), 1);
     shape4.insert(shape4.end(), am.sizes().begin(), am.sizes().end());
@@ -341,13 +351,26 @@ EagerOut attention_eager(const at::Tensor& query, const at::Tensor& key, const a
   const double sc = scale ? *scale : 1.0 / std::sqrt(double(D));
   const int64_t right = is_causal || window.has_value() ? 0 : -1;
   const int64_t left = window ? *window - 1 : -1;
-  at::Tensor out;
-  if (grad_mode && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
-    out = AttentionFn::apply(q, k, v, opt(m), sc, left, right)[0];
-  } else {
-    out = std::get<0>(attention_fwd(q, k, v, opt(m), std::nullopt, sc, left, right, false, 0.0, 0.0, 0));
-  }
+  const at::Tensor out = attention_autograd(q, k, v, opt(m), sc, left, right, false, 0.0);
   return std::vector<at::Tensor>{out.reshape(query.sizes())};
+}
+
+EagerOut flash_attn_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                          double softcap) {
+  if (!eager_plain(q) || !eager_plain(k) || !eager_plain(v) || !eager_no_modes()) return std::nullopt;
+  // FlashAttention's layout (B, T, H, E); anything the Python checks would reject, or that only the torch backend
+  // runs (Ev != E), returns to the Python path.
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return std::nullopt;
+  const int64_t B = q.size(0), H = q.size(2), E = q.size(3), Hkv = k.size(2);
+  if (k.size(0) != B || k.size(3) != E || v.sizes() != k.sizes()) return std::nullopt;
+  if (Hkv != H && (Hkv < 1 || H % Hkv != 0)) return std::nullopt;
+  if (window_left < -1 || window_right < -1 || !std::isfinite(softcap) || softcap < 0) return std::nullopt;
+  if (softmax_scale && !std::isfinite(*softmax_scale)) return std::nullopt;
+  const double sc = softmax_scale ? *softmax_scale : 1.0 / std::sqrt(double(E));
+  const at::Tensor out = attention_autograd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), std::nullopt,
+                                            sc, window_left, causal ? 0 : window_right, true, softcap);
+  return std::vector<at::Tensor>{out.transpose(1, 2).contiguous()};
 }
 
 EagerOut decode_attention_eager(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -39,6 +39,11 @@ EagerOut attention_eager(const at::Tensor& query, const at::Tensor& key, const a
                          const std::optional<at::Tensor>& attn_mask, std::optional<double> scale, bool is_causal,
                          bool enable_gqa, std::optional<int64_t> window);
 
+// flash_attn_func without dropout or ALiBi: q (B, Tq, H, E), k, v (B, Tk, Hkv, E); out (B, Tq, H, E) contiguous.
+EagerOut flash_attn_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                          double softcap);
+
 // decode_attention: {out}. scale None: 1/sqrt(D).
 EagerOut decode_attention_eager(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& cache_seqlens, std::optional<double> scale);

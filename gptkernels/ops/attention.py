@@ -580,6 +580,19 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """
     del deterministic
     fn = _FA_OP
+    if (not return_attn_probs and alibi_slopes is None and dropout_p == 0 and type(dropout_p) in (float, int)
+            and not _common.is_compiling() and type(q) is torch.Tensor and type(k) is torch.Tensor
+            and type(v) is torch.Tensor and q.dim() == 4 and type(window_size) is tuple and len(window_size) == 2
+            and type(window_size[0]) is int and type(window_size[1]) is int and type(softcap) in (float, int)
+            and (softmax_scale is None or type(softmax_scale) is float)):
+        # Eager fast path, as scaled_dot_product_attention's: the cached backend decision, then the C++ entry,
+        # which returns None for anything the checks below would reject.
+        rec = _dispatch.choice(fn, q.device, backend, (q.dtype, q.shape[-1], v.shape[-1]))
+        if rec is not None and rec[0] in _common.EAGER_BACKENDS:
+            out = _common.eager_call(_common.C.flash_attn, q, k, v, softmax_scale, bool(causal), window_size[0],
+                                     window_size[1], float(softcap))
+            if out is not None:
+                return out
     _check_qkv(fn, q, k, v, ("q", "k", "v"), "(batch, seqlen, heads, head_dim)", ndim=4)
     B, Tq, H, E = q.shape
     Tk, Hkv, Ev = v.shape[1:]

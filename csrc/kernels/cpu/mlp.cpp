@@ -1,6 +1,5 @@
 #include "mlp.h"
 
-#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -36,11 +35,11 @@ using vmath::exp_nonpos;
 
 // 1 / (1 + e^-z) from e = e^-|z| in (0, 1]: sigmoid(-inf) = 0 exactly and NaN stays NaN, so silu(-inf) and
 // gelu(-inf) are -inf * 0 = NaN, as in eager PyTorch. (The former 1 / (1 + exp_clamped(-z)) capped e^-z at e^88:
-// sigmoid(-inf) came out 6e-39 and those became -inf.)
+// sigmoid(-inf) came out 6e-39 and those became -inf.) -|z| is written as a select: with std::fabs GCC left the
+// GELU-tanh loops unvectorized (bias_gelu fwd at 1024x3072 fp32, one thread: 58 ms vs 3.2 ms, 2-core EPYC).
 inline float sigmoid(float z) {
-  const float e = exp_nonpos(-std::fabs(z));
-  const float r = 1.f / (1.f + e);
-  return z < 0.f ? e * r : r;
+  const float e = exp_nonpos(z < 0.f ? z : -z);
+  return (z < 0.f ? e : 1.f) / (1.f + e);
 }
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
