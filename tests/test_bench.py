@@ -68,7 +68,19 @@ def test_cli_writes_sane_json_csv_and_table(cli_run):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(res["rows"])
     assert set(report.CSV_FIELDS) == set(rows[0])
-    assert "| op | shape (preset) |" in stdout and "gptkernels-cpu" in stdout and "roofline" in stdout
+    # The screen: header first, then the verdict with the paths; the per-row table is in results.md (and --verbose).
+    assert stdout.index("roofline") < stdout.index("verdict:") < stdout.index("results: ")
+    assert str(out / "results.json") in stdout and str(out / "results.md") in stdout
+    assert "| shape (preset)" not in stdout
+    verdict = {line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ")}
+    assert {"layernorm", "rmsnorm", "attention", "geomean over 3 ops"} <= set(verdict)
+    assert "skipped: compile: left out by --quick" in stdout
+    md = (out / "results.md").read_text()
+    assert "| shape (preset)" in md and "gptkernels-cpu" in md and "verdict:" in md
+    # Units: the attention rows are FLOP rates of a tiny shape, never rounded to 0.0 under a TFLOP/s heading.
+    attention = [line for line in md.splitlines() if line.startswith("| attention ") and "(tiny)" in line]
+    assert attention and all("FLOP/s" in line and "GB/s" not in line for line in attention)
+    assert not any(" 0.0 " in line for line in md.splitlines())
 
 
 def _wrong_fwd(problem):
@@ -171,7 +183,7 @@ def test_compare_flags_slowdown_beyond_noise(tmp_path):
     new["rows"][1] = _row("layernorm", "gptkernels-cpu", 1.0)  # 2x slower, tight spread: flagged
     new["rows"][2] = _row("rmsnorm", "gptkernels-cpu", 0.6, spread=1.6)  # 1.2x, but the spread is 60%: noise
     new["rows"][3] = _row("softmax", "gptkernels-cpu", 0.4, status="FAIL")  # ok -> FAIL: a regression
-    text, regressions = report.compare(old, new)
+    text, regressions = report.compare(old, new, verbose=True)
     assert regressions == 2
     lines = {line.split("|")[1].strip() + "/" + line.split("|")[5].strip(): line for line in text.splitlines()
              if line.startswith("| ") and "---" not in line and "op |" not in line}
@@ -190,7 +202,11 @@ def test_summary_and_plot(cli_run, tmp_path, capsys):
     out, _, res = cli_run
     assert bench.main(["--summary", str(out / "results.json")]) == 0
     text = capsys.readouterr().out
-    assert "layernorm" in text and "% of ceiling" in text and "gptkernels-cpu" in text
+    assert "verdict:" in text and "| layernorm " in text and "geomean over 3 ops" in text
+    assert "| shape (preset)" not in text
+    assert bench.main(["--summary", str(out / "results.json"), "--verbose"]) == 0
+    text = capsys.readouterr().out
+    assert "| shape (preset)" in text and "gptkernels-cpu" in text and "% of copy" in text
     pytest.importorskip("matplotlib")
     from gptkernels.bench.plot import plot
 
@@ -262,6 +278,17 @@ def test_time_budget_skips_what_it_cannot_start(tmp_path):
     assert all(r["status"] == "skipped" and "time budget of 0 s used up" in r["reason"] for r in res["rows"])
     _, _, res = _bench(tmp_path, "u", "--time-budget", "600")
     assert res["rows"] and not any(r["status"] == "skipped" for r in res["rows"] if r["provider"] != "compile")
+
+
+def test_verbose_prints_the_detail_table(tmp_path, capsys):
+    capsys.readouterr()
+    rc, out, _ = _bench(tmp_path, "v", "--verbose")
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert text.index("roofline") < text.index("| shape (preset)") < text.index("verdict:")
+    assert "| layernorm " in text and " GB/s |" in text
+    rc, _, _ = _bench(tmp_path, "w")
+    assert rc == 0 and "| shape (preset)" not in capsys.readouterr().out
 
 
 def test_no_compile_and_device_flags(tmp_path, capsys):

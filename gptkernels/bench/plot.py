@@ -34,7 +34,7 @@ def _draw(ax, op, mode, dtype, lines, roof, tflops):
     ceiling = roof.get("matmul_tflops") if tflops else roof.get("copy_gbps")
     if ceiling:
         ax.axhline(ceiling, color="k", linestyle="--", linewidth=1,
-                   label=f"{'matmul' if tflops else 'copy'} {ceiling:.3g}")
+                   label=f"{'matmul' if tflops else 'copy'} ceiling {ceiling:.3g} {'TFLOP/s' if tflops else 'GB/s'}")
     ax.set_xticks(range(len(ticks)))
     ax.set_xticklabels([f"{t[1]}\n{t[0] / 2**20:.3g}M el." for t in ticks], fontsize=7)
     ax.set_xlim(-0.5, len(ticks) - 0.5)
