@@ -17,5 +17,13 @@ from gptkernels.bench.registry import (
     unregister_provider,
 )
 
-__all__ = ["OPS", "OpSpec", "Placeholder", "Provider", "main", "register_op", "register_provider",
-           "unregister_provider"]
+__all__ = [
+    "OPS",
+    "OpSpec",
+    "Placeholder",
+    "Provider",
+    "main",
+    "register_op",
+    "register_provider",
+    "unregister_provider",
+]
