@@ -22,8 +22,25 @@ TINY = ["--quick", "--shapes", "tiny", "--no-progress"]
 def cli_run(tmp_path_factory):
     """One real `python -m gptkernels bench` on the tiny suite (both modes), shared by the checks below."""
     out = tmp_path_factory.mktemp("bench")
-    r = subprocess.run([sys.executable, "-m", "gptkernels", "bench", *TINY, "--ops", "layernorm,rmsnorm,attention",
-                        "--mode", "fwd,bwd", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptkernels",
+            "bench",
+            *TINY,
+            "--ops",
+            "layernorm,rmsnorm,attention",
+            "--mode",
+            "fwd,bwd",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return out, r.stdout, json.loads((out / "results.json").read_text())
 
@@ -39,8 +56,11 @@ def test_cli_writes_sane_json_csv_and_table(cli_run):
     assert roof["copy_gbps"] > 0 and roof["matmul_tflops"] > 0
     ok = [r for r in res["rows"] if r["status"] == "ok"]
     assert {(r["op"], r["mode"], r["provider"]) for r in ok} >= {
-        (op, mode, prov) for op in ("layernorm", "rmsnorm") for mode in ("fwd", "bwd")
-        for prov in ("eager", "gptkernels-cpu")}
+        (op, mode, prov)
+        for op in ("layernorm", "rmsnorm")
+        for mode in ("fwd", "bwd")
+        for prov in ("eager", "gptkernels-cpu")
+    }
     for r in ok:
         assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"], r
         assert r["pct_roofline"] > 0 and r["speedup_vs_eager"] > 0
@@ -68,7 +88,19 @@ def test_cli_writes_sane_json_csv_and_table(cli_run):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(res["rows"])
     assert set(report.CSV_FIELDS) == set(rows[0])
-    assert "| op | shape (preset) |" in stdout and "gptkernels-cpu" in stdout and "roofline" in stdout
+    # The screen: header first, then the verdict with the paths; the per-row table is in results.md (and --verbose).
+    assert stdout.index("roofline") < stdout.index("verdict:") < stdout.index("results: ")
+    assert str(out / "results.json") in stdout and str(out / "results.md") in stdout
+    assert "| shape (preset)" not in stdout
+    verdict = {line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ")}
+    assert {"layernorm", "rmsnorm", "attention", "geomean over 3 ops"} <= set(verdict)
+    assert "skipped: compile: left out by --quick" in stdout
+    md = (out / "results.md").read_text()
+    assert "| shape (preset)" in md and "gptkernels-cpu" in md and "verdict:" in md
+    # Units: the attention rows are FLOP rates of a tiny shape, never rounded to 0.0 under a TFLOP/s heading.
+    attention = [line for line in md.splitlines() if line.startswith("| attention ") and "(tiny)" in line]
+    assert attention and all("FLOP/s" in line and "GB/s" not in line for line in attention)
+    assert not any(" 0.0 " in line for line in md.splitlines())
 
 
 def _wrong_fwd(problem):
@@ -104,8 +136,21 @@ def test_wrong_provider_is_fail_and_not_timed(tmp_path):
     register_provider("layernorm", Provider("wrong-bwd", _wrong_bwd))
     register_provider("layernorm", Provider("raises", _raises))
     try:
-        rc = bench.main([*TINY, "--ops", "layernorm", "--mode", "fwd,bwd", "--dtype", "float32,bfloat16",
-                         "--providers", "eager,wrong-fwd,wrong-bwd,raises", "--out", str(tmp_path)])
+        rc = bench.main(
+            [
+                *TINY,
+                "--ops",
+                "layernorm",
+                "--mode",
+                "fwd,bwd",
+                "--dtype",
+                "float32,bfloat16",
+                "--providers",
+                "eager,wrong-fwd,wrong-bwd,raises",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     finally:
         for name in ("wrong-fwd", "wrong-bwd", "raises"):
             unregister_provider("layernorm", name)
@@ -144,8 +189,9 @@ def test_unavailable_op_and_model_are_reported_not_raised(tmp_path):
 
 def test_model_step_is_checked_and_timed(tmp_path):
     """--model: a whole GPT step, logits and every parameter gradient checked against fp64 before timing."""
-    rc = bench.main([*TINY, "--model", "tiny", "--mode", "fwd+bwd", "--providers", "eager,gptkernels-cpu",
-                     "--out", str(tmp_path)])
+    rc = bench.main(
+        [*TINY, "--model", "tiny", "--mode", "fwd+bwd", "--providers", "eager,gptkernels-cpu", "--out", str(tmp_path)]
+    )
     assert rc == 0
     rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["op"] == "model:tiny"]
     got = {r["provider"]: r for r in rows}
@@ -155,8 +201,18 @@ def test_model_step_is_checked_and_timed(tmp_path):
 
 
 def _row(op, provider, p50, spread=1.02, status="ok"):
-    return {"op": op, "provider": provider, "mode": "fwd", "shape": "1024x768", "dtype": "float32", "status": status,
-            "reason": "", "ms_p20": p50 / spread ** 0.5, "ms_p50": p50, "ms_p80": p50 * spread ** 0.5}
+    return {
+        "op": op,
+        "provider": provider,
+        "mode": "fwd",
+        "shape": "1024x768",
+        "dtype": "float32",
+        "status": status,
+        "reason": "",
+        "ms_p20": p50 / spread**0.5,
+        "ms_p50": p50,
+        "ms_p80": p50 * spread**0.5,
+    }
 
 
 def _result(rows):
@@ -165,16 +221,25 @@ def _result(rows):
 
 
 def test_compare_flags_slowdown_beyond_noise(tmp_path):
-    old = _result([_row("layernorm", "eager", 1.0), _row("layernorm", "gptkernels-cpu", 0.5),
-                   _row("rmsnorm", "gptkernels-cpu", 0.5, spread=1.6), _row("softmax", "gptkernels-cpu", 0.4)])
+    old = _result(
+        [
+            _row("layernorm", "eager", 1.0),
+            _row("layernorm", "gptkernels-cpu", 0.5),
+            _row("rmsnorm", "gptkernels-cpu", 0.5, spread=1.6),
+            _row("softmax", "gptkernels-cpu", 0.4),
+        ]
+    )
     new = copy.deepcopy(old)
     new["rows"][1] = _row("layernorm", "gptkernels-cpu", 1.0)  # 2x slower, tight spread: flagged
     new["rows"][2] = _row("rmsnorm", "gptkernels-cpu", 0.6, spread=1.6)  # 1.2x, but the spread is 60%: noise
     new["rows"][3] = _row("softmax", "gptkernels-cpu", 0.4, status="FAIL")  # ok -> FAIL: a regression
-    text, regressions = report.compare(old, new)
+    text, regressions = report.compare(old, new, verbose=True)
     assert regressions == 2
-    lines = {line.split("|")[1].strip() + "/" + line.split("|")[5].strip(): line for line in text.splitlines()
-             if line.startswith("| ") and "---" not in line and "op |" not in line}
+    lines = {
+        line.split("|")[1].strip() + "/" + line.split("|")[5].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| ") and "---" not in line and "op |" not in line
+    }
     assert "SLOWER" in lines["layernorm/gptkernels-cpu"] and "2.000" in lines["layernorm/gptkernels-cpu"]
     assert "within noise" in lines["rmsnorm/gptkernels-cpu"]
     assert "within noise" in lines["layernorm/eager"]
@@ -190,7 +255,11 @@ def test_summary_and_plot(cli_run, tmp_path, capsys):
     out, _, res = cli_run
     assert bench.main(["--summary", str(out / "results.json")]) == 0
     text = capsys.readouterr().out
-    assert "layernorm" in text and "% of ceiling" in text and "gptkernels-cpu" in text
+    assert "verdict:" in text and "| layernorm " in text and "geomean over 3 ops" in text
+    assert "| shape (preset)" not in text
+    assert bench.main(["--summary", str(out / "results.json"), "--verbose"]) == 0
+    text = capsys.readouterr().out
+    assert "| shape (preset)" in text and "gptkernels-cpu" in text and "% of copy" in text
     pytest.importorskip("matplotlib")
     from gptkernels.bench.plot import plot
 
@@ -214,9 +283,24 @@ def test_presets_are_the_models_and_scaled_per_device():
 @pytest.mark.skipif(not os.path.isdir(ROOT / "benchmarks"), reason="no benchmarks/ in this checkout")
 def test_pytest_benchmark_files_run_and_are_not_collected_by_default():
     pytest.importorskip("pytest_benchmark")
-    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "--benchmark-disable", "-p",
-                        "no:cacheprovider", "-k", "layernorm-256x768 and fwd"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks",
+            "-q",
+            "--benchmark-disable",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "layernorm-256x768 and fwd",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
     # Plain `pytest` from the root collects tests/ only: the microbenchmarks stay opt-in.
@@ -262,6 +346,17 @@ def test_time_budget_skips_what_it_cannot_start(tmp_path):
     assert all(r["status"] == "skipped" and "time budget of 0 s used up" in r["reason"] for r in res["rows"])
     _, _, res = _bench(tmp_path, "u", "--time-budget", "600")
     assert res["rows"] and not any(r["status"] == "skipped" for r in res["rows"] if r["provider"] != "compile")
+
+
+def test_verbose_prints_the_detail_table(tmp_path, capsys):
+    capsys.readouterr()
+    rc, out, _ = _bench(tmp_path, "v", "--verbose")
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert text.index("roofline") < text.index("| shape (preset)") < text.index("verdict:")
+    assert "| layernorm " in text and " GB/s |" in text
+    rc, _, _ = _bench(tmp_path, "w")
+    assert rc == 0 and "| shape (preset)" not in capsys.readouterr().out
 
 
 def test_no_compile_and_device_flags(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 Layers: ``registry`` (OpSpec, Provider, register_op / register_provider), ``specs`` (the ops and shape presets),
 ``harness`` (inputs, fp64 reference, correctness check, timers), ``roofline`` (this machine's ceilings),
-``runner`` (the suite loop), ``report`` (table, JSON/CSV, summary, --compare), ``plot``.
+``runner`` (the suite loop), ``report`` (verdict, detail table, JSON/CSV/Markdown, --compare), ``plot``.
 """
 
 from gptkernels.bench import specs as _specs  # noqa: F401  (registers the ops)
@@ -17,5 +17,13 @@ from gptkernels.bench.registry import (
     unregister_provider,
 )
 
-__all__ = ["OPS", "OpSpec", "Placeholder", "Provider", "main", "register_op", "register_provider",
-           "unregister_provider"]
+__all__ = [
+    "OPS",
+    "OpSpec",
+    "Placeholder",
+    "Provider",
+    "main",
+    "register_op",
+    "register_provider",
+    "unregister_provider",
+]

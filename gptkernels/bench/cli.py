@@ -1,8 +1,18 @@
-"""``python -m gptkernels bench``: benchmark every provider of every op on this machine's best device.
+"""python -m gptkernels bench: benchmark every provider of every op on this machine's best device.
 
-Prints a Markdown table and writes results.json / results.csv (and PNGs with --plot) into --out. Every row is
-checked against the fp64 reference before it is timed; a wrong provider is reported as FAIL and not timed.
-Exit status: 0, or 1 if any row FAILed (--compare: 1 if any regression).
+Every row is checked against the fp64 reference before it is timed; a wrong provider is reported as FAIL and not
+timed. The screen gets the machine and versions, progress (stderr), then the verdict: per op, the fastest gptkernels
+backend's speedup over eager PyTorch and torch.compile, the geometric mean over ops, FAILs, skipped providers (one
+line per reason) and the paths of the result files. The per-row detail (ms p20/p50/p80, GB/s or FLOP/s, % of the
+ceiling measured in the same run) goes to results.json, results.csv and results.md in --out; --verbose prints it too.
+
+Examples:
+  python -m gptkernels bench --quick                 a first look in about a minute (CPU)
+  python -m gptkernels bench --ops layernorm --verbose
+  python -m gptkernels bench --summary bench-out/results.json
+  python -m gptkernels bench --compare old/results.json bench-out/results.json
+
+Exit status: 0, or 1 if any row FAILed (--compare: 1 on a regression, see --compare).
 """
 
 from __future__ import annotations
@@ -40,14 +50,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", type=_csv, default=None,
                    help="only these providers (eager, compile, gptkernels-cpu, gptkernels-cuda, gptkernels-triton)")
     p.add_argument("--quick", action="store_true",
-                   help="shorter timing, one preset, smaller roofline probes; on CPU also no torch.compile")
+                   help="a first look (about a minute on a 2-core CPU): one shape preset (gpt2 on CPU, standard on "
+                        "CUDA), shorter timing and smaller roofline probes, and on CPU no torch.compile; rougher "
+                        "numbers than a full run")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default: bench-out/)")
     p.add_argument("--plot", nargs="?", const="per-op", choices=("per-op", "combined"), default=None,
-                   help="write PNGs: one per op (default) or 'combined' (all ops in one figure)")
+                   help="also write PNGs into --out: throughput against shape, one line per provider and the "
+                        "measured ceiling as a dashed line; per-op (the default) is one file per op, combined one "
+                        "figure of all ops (needs matplotlib)")
     p.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
-                   help="regression report of two results.json files (no benchmark runs)")
-    p.add_argument("--summary", metavar="RESULTS.json", help="headline per op of a results.json (no benchmark runs)")
+                   help="compare two results.json files row by row (runs no benchmark): new/old p50 per row, SLOWER "
+                        "or FASTER only beyond the rows' p20..p80 spread, and whether the runs can be compared at "
+                        "all (machine, threads, --quick vs full, load). Exit status 1 if a row now FAILs, or is "
+                        "SLOWER between comparable runs")
+    p.add_argument("--summary", metavar="RESULTS.json",
+                   help="print the verdict of an earlier run from its results.json (runs no benchmark); with "
+                        "--verbose also every row")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the per-row detail table (ms p50 [p20, p80], throughput, %% of ceiling, "
+                        "speedups, status), the skip reasons per provider and the work formulas; --compare: list "
+                        "the rows within noise too")
     p.add_argument("--model", metavar="NAME",
                    help="also benchmark one step of a GPT model preset (tiny, gpt2, ...): logits and all grads")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
@@ -86,7 +109,8 @@ def run(args) -> int:
     if args.compare:
         from gptkernels.bench import report
 
-        text, regressions = report.compare(report.load(args.compare[0]), report.load(args.compare[1]))
+        text, regressions = report.compare(report.load(args.compare[0]), report.load(args.compare[1]),
+                                           verbose=args.verbose)
         print(text)
         return 1 if regressions else 0
     if args.summary:
@@ -98,7 +122,10 @@ def run(args) -> int:
 
             print(overhead.markdown(result))
         else:
-            print(report.summary(result))
+            print(report.header(result, show_busy=False))  # the verdict says it
+            if args.verbose:
+                print("\n" + report.detail(result))
+            print("\n" + report.verdict(result, paths=[args.summary]))
         return 0
     if args.list:
         return _list()
@@ -148,13 +175,11 @@ def run(args) -> int:
     cfg = Config(ops=ops, device=device, dtypes=[getattr(torch, DTYPES[d]) for d in dtypes], modes=args.mode,
                  presets=presets, quick=args.quick, providers=args.providers, exclude=exclude, model=args.model,
                  time_budget=args.time_budget, seed=args.seed, argv=[shlex.quote(a) for a in _command(args)],
-                 progress=not args.no_progress, on_update=save)
+                 progress=not args.no_progress, on_update=save, on_start=_print_header)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_suite(cfg)
-    jpath, cpath = report.write(result, out)
-    print(report.markdown(result))
-    written = [jpath, cpath]
+    written = [*report.write(result, out), report.write_markdown(result, out)]
     if args.plot:
         try:
             from gptkernels.bench.plot import plot
@@ -162,8 +187,17 @@ def run(args) -> int:
             written += plot(result, out, combined=args.plot == "combined")
         except ImportError as e:
             print(f"bench: --plot needs matplotlib ({e}); pip install 'gptkernels[bench]'", file=sys.stderr)
-    print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    if args.verbose:
+        print("\n" + report.detail(result))
+    print("\n" + report.verdict(result, paths=written), flush=True)
     return 1 if any(r["status"] == "FAIL" for r in result["rows"]) else 0
+
+
+def _print_header(result) -> None:
+    """Before the first problem: what runs where (the busy-machine check waits for the end of the run)."""
+    from gptkernels.bench import report
+
+    print(report.header(result, show_busy=False), flush=True)
 
 
 def _run_overhead(args) -> int:

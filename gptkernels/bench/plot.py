@@ -20,8 +20,14 @@ def _series(rows):
     return out
 
 
-COLORS = {"eager": "tab:gray", "compile": "tab:blue", "gptkernels-cuda": "tab:green", "gptkernels-triton": "tab:red",
-          "gptkernels-cpu": "tab:purple", "sdpa": "tab:orange"}
+COLORS = {
+    "eager": "tab:gray",
+    "compile": "tab:blue",
+    "gptkernels-cuda": "tab:green",
+    "gptkernels-triton": "tab:red",
+    "gptkernels-cpu": "tab:purple",
+    "sdpa": "tab:orange",
+}
 
 
 def _draw(ax, op, mode, dtype, lines, roof, tflops):
@@ -33,8 +39,13 @@ def _draw(ax, op, mode, dtype, lines, roof, tflops):
         ax.plot([pos[p[0], p[2]] for p in pts], [p[1] for p in pts], marker="o", label=prov, color=COLORS.get(prov))
     ceiling = roof.get("matmul_tflops") if tflops else roof.get("copy_gbps")
     if ceiling:
-        ax.axhline(ceiling, color="k", linestyle="--", linewidth=1,
-                   label=f"{'matmul' if tflops else 'copy'} {ceiling:.3g}")
+        ax.axhline(
+            ceiling,
+            color="k",
+            linestyle="--",
+            linewidth=1,
+            label=f"{'matmul' if tflops else 'copy'} ceiling {ceiling:.3g} {'TFLOP/s' if tflops else 'GB/s'}",
+        )
     ax.set_xticks(range(len(ticks)))
     ax.set_xticklabels([f"{t[1]}\n{t[0] / 2**20:.3g}M el." for t in ticks], fontsize=7)
     ax.set_xlim(-0.5, len(ticks) - 0.5)
@@ -72,7 +83,7 @@ def plot(result: dict, out_dir: Path, combined: bool = False) -> list[Path]:
         fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
         for ax, (op, mode, dtype, lines, tflops) in zip(axes.flat, group):
             _draw(ax, op, mode, dtype, lines, roof, tflops)
-        for ax in list(axes.flat)[len(group):]:
+        for ax in list(axes.flat)[len(group) :]:
             ax.axis("off")
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()

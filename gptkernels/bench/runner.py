@@ -39,6 +39,7 @@ class Config:
     argv: list[str] | None = None
     progress: bool = True
     on_update: Callable[[dict], None] | None = None  # called with the result after every problem
+    on_start: Callable[[dict], None] | None = None  # called once the machine's fingerprint and ceilings are known
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -234,6 +235,8 @@ def run(cfg: Config) -> dict:
     }, "formulas": {}, "notes": [], "rows": []}
     env["roofline"] = roofline.measure(cfg.device, cfg.quick)
     problems = plan(cfg, result)
+    if cfg.on_start is not None:
+        cfg.on_start(result)
     progress = _Progress(len(problems), cfg.progress)
     group = None
     try:
