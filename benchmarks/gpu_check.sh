@@ -97,7 +97,7 @@ step_start "3/7 benchmark gpt2 shapes, eager vs gptkernels-$BACKEND, --time-budg
 mkdir -p "$SCRATCH/bench"
 timeout -k 10 $(( BUDGET + 60 )) $PY -m gptkernels bench --device "$DEV" --dtype "$BENCH_DTYPE" \
   --ops attention,mlp,layernorm_residual,softmax_causal --shapes gpt2 --providers "eager,gptkernels-$BACKEND" \
-  --no-compile --time-budget "$BUDGET" --out "$SCRATCH/bench" --no-progress 2>&1 | tee "$OUT/bench.log"
+  --no-compile --time-budget "$BUDGET" --out "$SCRATCH/bench" --no-progress --verbose 2>&1 | tee "$OUT/bench.log"
 echo "bench exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
 [ -s "$SCRATCH/bench/results.json" ] && mv "$SCRATCH/bench/results.json" "$OUT/results.json"
 step_end bench

@@ -46,7 +46,7 @@ mkdir -p "$SCRATCH/bench"
     || echo "nvidia-smi failed"
   timeout -k 10 $(( BUDGET + 90 )) $PY -m gptkernels bench --device "$DEV" --dtype "$DTYPE" \
     --ops attention,mlp,layernorm_residual,softmax_causal --shapes gpt2 --providers "$PROVIDERS" \
-    --time-budget "$BUDGET" --out "$SCRATCH/bench" --no-progress
+    --time-budget "$BUDGET" --out "$SCRATCH/bench" --no-progress --verbose
   echo "bench exit $?"
 } 2>&1 | tee "$OUT/bench_triton.log" | grep -E "^\[|exit|Error" | tail -30
 [ -s "$SCRATCH/bench/results.json" ] && mv "$SCRATCH/bench/results.json" "$OUT/results_triton.json"
