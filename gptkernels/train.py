@@ -282,7 +282,7 @@ def _file_kind(path: str) -> str | None:
         text = b"\0" not in head
     except UnicodeDecodeError as e:
         text = e.start >= len(head) - 3  # a character cut at the 4096-byte boundary
-    return "a text file" if text else "neither a zip archive (torch.save's format) nor a pickle"
+    return "a text file" if text else "a binary file, neither a zip archive (torch.save's format) nor a pickle"
 
 
 def torch_load(path: str, option: str = "--resume", map_location="cpu"):
@@ -298,6 +298,7 @@ def torch_load(path: str, option: str = "--resume", map_location="cpu"):
         # weights_only refusals are paragraphs; the line after "WeightsUnpickler error:" names what was refused.
         detail = msg.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in msg else msg
         detail = next((line.strip() for line in detail.splitlines() if line.strip()), type(e).__name__)
+        detail = detail.split(". ", 1)[0].rstrip(".")  # the first sentence: what failed, not how to load it anyway
         raise CheckpointError(f"{option} {path!r}: torch.load(weights_only=True) cannot read it ({detail}); "
                               f"{CKPT_HINT}") from None
 

@@ -141,7 +141,7 @@ def test_a_file_that_is_no_checkpoint_says_what_it_is(capsys, tmp_path, content,
         rc, _, err = _main(capsys, *argv)
         assert rc == 2 and err.count("\n") == 1, err
         assert kind in err and all(w in err for w in CHECKPOINT_WORDS), err
-        assert "weights_only` set to `False`" not in err and "file an issue" not in err
+        assert "weights_only` set to `False`" not in err and "likely succeed" not in err
 
 
 @pytest.mark.usefixtures("quiet_machine")
@@ -150,7 +150,7 @@ def test_a_pickle_with_other_objects_is_reported_in_one_line(capsys, tmp_path):
     torch.save({"model": argparse.Namespace(a=1)}, path)  # weights_only=True refuses the Namespace
     rc, _, err = _main(capsys, "generate", "--ckpt", str(path))
     assert rc == 2 and err.count("\n") == 1, err
-    assert "torch.load(weights_only=True) cannot read it" in err and "Namespace" in err and "file an issue" not in err
+    assert "torch.load(weights_only=True) cannot read it" in err and "Namespace" in err and "likely succeed" not in err
 
 
 @pytest.mark.usefixtures("quiet_machine")
@@ -274,7 +274,7 @@ def test_help_is_plain_text_without_internal_references(capsys, command):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "``" not in out
-    assert not re.search(r"\bissues?\s*#?\d|#\d+\b|\bsession\b", out, re.IGNORECASE), out
+    assert not re.search(r"#\d", out), out  # no tracker numbers
 
 
 # -------------------------------------------------------------------------------------------------- LR schedule
