@@ -158,6 +158,16 @@ def _requested(backend: str | None) -> tuple[str, str]:
     return "auto", "automatic"
 
 
+def requested(backend: str | None = None) -> tuple[str, str]:
+    """(the backend asked for, where from: "backend= argument", "GPTKERNELS_BACKEND" or "automatic") for a call with
+    this ``backend=``; "auto" when nothing asks. Raises ValueError for a name that is not a backend."""
+    name, source = _requested(backend)
+    if name != "auto" and name not in BACKENDS:
+        what = f"GPTKERNELS_BACKEND={name!r}" if source == "GPTKERNELS_BACKEND" else f"backend {name!r}"
+        raise ValueError(f"{what} is not a backend; valid: {', '.join(BACKENDS)}, auto")
+    return name, source
+
+
 def select(op: str, device: torch.device, backend: str | None = None, supports=None, key=None,
            order: tuple[str, ...] | None = None, order_why: str | None = None) -> str:
     """Choose the backend for one call of ``op`` on ``device`` and record why.

@@ -1,14 +1,15 @@
-"""``python -m gptkernels generate``: continue a prompt with a GPT on gptkernels and print the text.
+"""python -m gptkernels generate: continue a prompt with a GPT on gptkernels and print the text.
 
     python -m gptkernels generate --model tiny --prompt "Hello" --max-new-tokens 64       # random weights
-    python -m gptkernels generate --ckpt out/ckpt.pt --prompt "ROMEO:" --temperature 0.8 --top-k 40
+    python -m gptkernels generate --ckpt runs/<run> --prompt "ROMEO:" --temperature 0.8 --top-k 40
     python -m gptkernels generate --hf ./gpt2 --prompt-ids 464,3290 --temperature 0      # greedy
 
 Weights: --model PRESET (random init from --seed), --hf PATH (a local Hugging Face GPT-2 folder), or --ckpt PATH
-(a checkpoint of gptkernels.train: a torch.save dict with the state_dict under "model" and GPTConfig.to_dict()
-under "config"). Text: with a byte-level vocab (256) the prompt is the UTF-8 bytes of --prompt and the output is
-decoded with errors="replace". Other vocabularies take token ids (--prompt-ids 1,2,3), or text when the --hf
-folder holds a tokenizer (transformers). The last line reports tokens/s and which gptkernels backend ran.
+(the ckpt.pt that python -m gptkernels train writes, or its run folder; any torch.save dict with the state_dict
+under "model" and GPTConfig.to_dict() under "config" works). Text: with a byte-level vocab (256) the prompt is the
+UTF-8 bytes of --prompt and the output is decoded with errors="replace". Other vocabularies take token ids
+(--prompt-ids 1,2,3), or text when the --hf folder holds a tokenizer (transformers). The last line reports tokens/s
+and which gptkernels backend ran.
 """
 
 from __future__ import annotations
@@ -44,18 +45,19 @@ def _strip_prefixes(state_dict):
 
 
 def load_checkpoint(path, backend=None):
-    """A GPT from a training checkpoint (loaded with ``weights_only=True`` on the CPU). Returns (model, info)."""
+    """A GPT from a training checkpoint file or run folder (loaded with weights_only=True on the CPU). Returns
+    (model, info)."""
     from gptkernels.model import GPT, GPTConfig
+    from gptkernels.train import CKPT_HINT, CheckpointError, checkpoint_path, torch_load
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise GenerateError(f"--ckpt {path!r}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GenerateError(f"--ckpt {path!r}: torch.load(weights_only=True) failed: {type(e).__name__}: {e}") from e
+        path = checkpoint_path(path, "--ckpt")
+        obj = torch_load(path, "--ckpt")
+    except (FileNotFoundError, CheckpointError) as e:
+        raise GenerateError(str(e)) from None
     if not isinstance(obj, dict):
-        raise GenerateError(f"--ckpt {path!r}: expected a dict with 'model' and 'config', got {type(obj).__name__}")
+        raise GenerateError(f"--ckpt {path!r}: expected a dict with 'model' and 'config', got {type(obj).__name__}; "
+                            f"{CKPT_HINT}")
     sd = next((obj[k] for k in _STATE_KEYS if isinstance(obj.get(k), dict)), None)
     cfg = next((obj[k] for k in _CONFIG_KEYS if isinstance(obj.get(k), dict)), None)
     if sd is None or cfg is None:
@@ -77,7 +79,7 @@ def load_checkpoint(path, backend=None):
     except RuntimeError as e:
         raise GenerateError(f"--ckpt {path!r}: the weights do not fit GPTConfig {config}: {e}") from e
     extra = sorted(set(cfg) - known)
-    info = {"iter": obj.get("iter", obj.get("step")), "ignored_config_keys": extra}
+    info = {"iter": obj.get("iter", obj.get("step")), "ignored_config_keys": extra, "path": path}
     return model, info
 
 
@@ -89,7 +91,7 @@ def load_model(model="tiny", hf=None, ckpt=None, backend=None, seed=0):
         raise GenerateError("give one of --hf and --ckpt, not both")
     if ckpt is not None:
         m, info = load_checkpoint(ckpt, backend)
-        src = f"checkpoint {os.fspath(ckpt)}" + (f" (iter {info['iter']})" if info["iter"] is not None else "")
+        src = f"checkpoint {info['path']}" + (f" (iter {info['iter']})" if info["iter"] is not None else "")
         return m, src, None
     if hf is not None:
         try:
@@ -162,7 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     src = parser.add_argument_group("weights (one of)")
     src.add_argument("--model", default="tiny", help="preset with random weights (default tiny)")
     src.add_argument("--hf", default=None, metavar="PATH", help="a local Hugging Face GPT-2 folder (no download)")
-    src.add_argument("--ckpt", default=None, metavar="PATH", help="a checkpoint written by gptkernels.train")
+    src.add_argument("--ckpt", default=None, metavar="PATH", help="a checkpoint written by python -m gptkernels "
+                     "train: its ckpt.pt or the run folder")
     parser.add_argument("--prompt", default=None, help="prompt text (byte-level vocab, or an --hf tokenizer)")
     parser.add_argument("--prompt-ids", default=None, metavar="IDS", help="prompt token ids, e.g. 464,3290")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -172,13 +175,15 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, run as one batch")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (and random-weight init)")
     parser.add_argument("--no-cache", action="store_true", help="rerun the whole context every step (no KV cache)")
-    parser.add_argument("--backend", default=None, help="cuda, triton, cpu, torch (default: automatic)")
+    parser.add_argument("--backend", default=None, help="cuda, triton, cpu, torch (default: auto, or "
+                        "GPTKERNELS_BACKEND)")
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
 
 
 def generate_text(args) -> dict:
     """Run one generation for parsed args; returns {"texts", "ids", "seconds", "tokens_per_s", "backend", ...}."""
+    from gptkernels import _runtime
     from gptkernels._dispatch import BACKENDS, BackendUnavailableError
     from gptkernels.profile import MODEL_OPS, backend_summary, backends_used
 
@@ -186,7 +191,10 @@ def generate_text(args) -> dict:
         raise GenerateError("need --max-new-tokens >= 0 and --num-samples >= 1")
     if args.backend is not None and args.backend not in BACKENDS:
         raise GenerateError(f"--backend {args.backend!r}: choose one of {', '.join(BACKENDS)} (or leave it out: auto)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise GenerateError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GenerateError("--device cuda: no CUDA device is visible on this machine")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -210,6 +218,9 @@ def generate_text(args) -> dict:
     # The ops this run called: a decode step (decode_attention) runs only with the cache and 2+ new tokens.
     decoded = not args.no_cache and args.max_new_tokens >= 2
     backends = backends_used(tuple(op for op in MODEL_OPS if decoded or op != "decode_attention"))
+    ran = backend_summary(backends) if backends else "none (no op ran)"
+    if args.backend is None and "(from GPTKERNELS_BACKEND)" in _runtime.backend_text():
+        ran += " (from GPTKERNELS_BACKEND)"
     return {
         "texts": [decode_tokens(row, V, tok) for row in ids],
         "ids": ids,
@@ -217,11 +228,12 @@ def generate_text(args) -> dict:
         "new_tokens": n_new,
         "seconds": seconds,
         "tokens_per_s": n_new / seconds if seconds > 0 else float("inf"),
-        "backend": backend_summary(backends) if backends else "none (no op ran)",
+        "backend": ran,
         "backends": backends,
         "source": source,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "threads": _runtime.threads_text() if device.type == "cpu" else None,
     }
 
 
@@ -229,23 +241,25 @@ def run(args) -> int:
     try:
         r = generate_text(args)
     except GenerateError as e:
-        print(f"generate: error: {e}", file=sys.stderr)
+        print(f"gptkernels generate: error: {e}", file=sys.stderr)
         return 2
     for i, text in enumerate(r["texts"]):
         if len(r["texts"]) > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
     cache = "no cache" if args.no_cache else "KV cache"
+    threads = f", {r['threads']}" if r["threads"] else ""
     print(f"--- {r['new_tokens']} new tokens in {r['seconds']:.3f} s: {r['tokens_per_s']:.1f} tokens/s "
-          f"(prefill included, {cache}) | backend: {r['backend']} | {r['device']} {r['dtype']} | {r['source']}")
+          f"(prefill included, {cache}) | backend: {r['backend']} | {r['device']} {r['dtype']}{threads} | "
+          f"{r['source']}")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gptkernels generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """python -m gptkernels.generate: the same as python -m gptkernels generate."""
+    from gptkernels.cli import main as cli_main
+
+    return cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

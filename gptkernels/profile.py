@@ -2,8 +2,9 @@
 
 For each provider the same weights run the same greedy generation: one prefill of a (B, prompt_len) prompt, then
 new_tokens - 1 decode steps of (B, 1) against a KV cache (the first new token comes from the prefill, as in
-GPT.generate). Reported per provider: prefill latency, per-token decode latency p50/p90/p99, decode tokens/s, peak
-memory, which gptkernels backend ran, and the speedup over eager measured in the same run.
+GPT.generate). Reported per provider: prefill latency, per-token decode latency p50/p90/p99, decode tokens/s at the
+median step (batch / decode p50), peak memory, which gptkernels backend ran, and the speedup over eager measured in
+the same run (eager's p50 / the provider's: the ratio of the two tok/s).
 
     python -m gptkernels profile --model gpt2 --batch 1 --prompt-len 128 --new-tokens 128
     python -m gptkernels profile --model tiny --providers eager,gptkernels --json out.json --trace trace.json
@@ -27,11 +28,12 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
+
+from gptkernels import _runtime
 
 PROVIDERS = ("eager", "gptkernels", "compile")
 GRAPHS_SUFFIX = "+graphs"
@@ -186,27 +188,25 @@ def backend_summary(backends: dict) -> str:
 def _peak_cpu_alloc_bytes(fn) -> int:
     """Peak bytes held by the c10 CPU allocator while fn() runs (above what was held before it).
 
-    torch.profiler with profile_memory records every CPU tensor allocation and free; the chrome trace's
-    "[memory]" events carry the running "Total Allocated", counted from the profiler's start.
+    The autograd profiler in its legacy (non-Kineto) mode with profile_memory records every CPU allocation and free,
+    in order per thread; the peak is the largest running sum. torch.profiler records the same through Kineto, which
+    on a machine without a GPU prints profiler_start/stop and a failed GPU-count probe to the terminal.
     """
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    from torch.autograd import ProfilerConfig, ProfilerState, _disable_profiler_legacy, _enable_profiler_legacy
 
-    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
+    config = ProfilerConfig(ProfilerState.CPU, False, True, False, False, False,  # shapes, memory, stack, flops, mods
+                            torch._C._profiler._ExperimentalConfig())
+    _enable_profiler_legacy(config)
     try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f).get("traceEvents", [])
+        fn()
     finally:
-        os.unlink(path)
-    peak = 0
+        records = _disable_profiler_legacy()
+    # A stable sort by start time keeps each thread's own order where two events share a microsecond.
+    events = sorted((e for thread in records for e in thread if e.kind() == "memory_alloc"), key=lambda e: e.start_us())
+    peak = held = 0
     for e in events:
-        a = e.get("args", {})
-        if e.get("name") == "[memory]" and a.get("Device Type", 0) == 0:
-            peak = max(peak, int(a.get("Total Allocated", 0)))
+        held += e.cpu_memory_usage()
+        peak = max(peak, held)
     return peak
 
 
@@ -222,7 +222,7 @@ def _param_bytes(model) -> int:
 # Every provider's model and KV cache stay allocated for the whole run (a CUDA graph holds the cache's addresses), so
 # the measured part is what one run allocates on top: activations, logits, workspaces.
 CPU_MEM_METHOD = ("weights + KV cache + peak CPU-allocator bytes above them during one extra, untimed prefill + decode "
-                  "run (torch.profiler profile_memory); not RSS, which keeps freed malloc memory")
+                  "run (autograd profiler, profile_memory); not RSS, which keeps freed malloc memory")
 CUDA_MEM_METHOD = ("weights + KV cache + (torch.cuda.max_memory_allocated - memory_allocated before the run), the "
                    "largest over the timed runs; +graphs rows add the graph's private pool (memory_reserved growth "
                    "during capture), which replays use without allocating")
@@ -230,7 +230,10 @@ CUDA_MEM_METHOD = ("weights + KV cache + (torch.cuda.max_memory_allocated - memo
 
 # ----------------------------------------------------------------------------------------------- building
 def _resolve_device_dtype(device, dtype):
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ProfileError(f"--device {device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ProfileError("--device cuda: no CUDA device is visible on this machine")
     if device.type == "cuda":
@@ -418,8 +421,8 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
             "decode_ms_p99": _r(_percentile(dec, 99)),
             "decode_ms_mean": _r(mean),
             "decode_steps_timed": len(dec),
-            # B tokens come out of each decode step.
-            "tokens_per_s": _r(batch * 1e3 / mean, 2),
+            # B tokens come out of each decode step; at the median step, the measurement speedup_decode_vs_eager uses.
+            "tokens_per_s": _r(batch * 1e3 / _percentile(dec, 50), 2),
             "e2e_tokens_per_s": _r(batch * new_tokens * 1e3 / (np.median(s["prefill"]) + mean * (new_tokens - 1)),
                                    2),
             "peak_mem_mb": None if s["mem"] is None else _r((weights_b + kv_b + s["mem"]) / 2**20, 2),
@@ -510,8 +513,8 @@ def format_table(result: dict) -> str:
     head = (f"{result['model']}  batch {result['batch']}  prompt {result['prompt_len']}  new {result['new_tokens']}  "
             f"{result['dtype']} on {result['env']['device_name'] or result['device']}  ({result['weights']}, "
             f"{result['repeats']} repeat{'s' if result['repeats'] != 1 else ''}, "
-            f"{result['env']['torch_threads']} thread{'s' if result['env']['torch_threads'] != 1 else ''})")
-    cols = ("provider", "backend", "prefill ms", "decode p50", "p90", "p99", "tok/s", "peak MB", "x eager pre",
+            f"{_runtime.threads_text(result['env']['torch_threads'])})")
+    cols = ("provider", "backend", "prefill ms", "decode p50", "p90", "p99", "p50 tok/s", "peak MB", "x eager pre",
             "x eager dec", "same tokens")
     lines = [head, "  ".join(f"{c:>11}" if i > 1 else f"{c:<16}" if i == 0 else f"{c:<8}" for i, c in enumerate(cols))]
 
@@ -554,19 +557,22 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--trace-provider", default=None, help="provider to trace (default gptkernels)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     parser.add_argument("--seed", type=int, default=0, help="weights (random init) and prompt seed")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: unchanged")
 
 
 def run(args) -> int:
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     argv = getattr(args, "argv", None)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = f" ({_runtime.threads_text(args.threads)})" if device.startswith("cpu") else ""
+    print(f"gptkernels profile: device {device}{threads}, gptkernels backend {_runtime.backend_text()}",
+          file=sys.stderr, flush=True)
     try:
         result = profile(args.model, args.batch, args.prompt_len, args.new_tokens, providers, args.device,
                          args.dtype, args.repeats, args.warmup, args.cuda_graphs, args.trace, args.trace_provider,
                          args.seed, args.hf, args.block_size, args.json, args.threads, argv=argv,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
     except ProfileError as e:
-        print(f"profile: error: {e}", file=sys.stderr)
+        print(f"gptkernels profile: error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
     if args.json:
@@ -575,12 +581,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gptkernels profile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = ["python", "-m", "gptkernels", "profile", *(sys.argv[1:] if argv is None else argv)]
-    return run(args)
+    """python -m gptkernels.profile: the same as python -m gptkernels profile."""
+    from gptkernels.cli import main as cli_main
+
+    return cli_main(["profile", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,31 +1,31 @@
-"""Train a GPT on gptkernels: ``python -m gptkernels train`` (or ``python -m gptkernels.train``).
+"""Train a GPT on gptkernels: python -m gptkernels train (or python -m gptkernels.train).
 
 With no arguments it trains a small byte-level model on the Python standard library's own sources, a corpus every
-machine has (see gptkernels/data.py), with defaults chosen by device: on CPU the ``mini`` preset with the C++ kernels
-in fp32, on CUDA ``gpt2`` (124M at vocab 50257; 85M at the byte vocab) in bf16 autocast.
+machine has (see gptkernels/data.py), with defaults chosen by device: on CPU the mini preset with the C++ kernels
+in fp32, on CUDA gpt2 (124M at vocab 50257; 85M at the byte vocab) in bf16 autocast.
 
     AdamW (fused on CUDA) | linear warmup + cosine decay to --min-lr | gradient clipping | gradient accumulation
     periodic val loss | tokens/s and MFU | progress bar | log.jsonl + loss.png + ckpt.pt in --out-dir
 
 Batches: --batch-size sequences of --block-size tokens per micro-step in total over all ranks, --grad-accum
 micro-steps per optimizer step; so the same command does the same math on one process or under
-``torchrun --nproc_per_node=N -m gptkernels.train`` (DistributedDataParallel: NCCL on GPU, gloo on CPU), where each
+torchrun --nproc_per_node=N -m gptkernels.train (DistributedDataParallel: NCCL on GPU, gloo on CPU), where each
 rank takes its slice of every global batch.
 
-Documents (--docs, default concat): ``concat`` trains on windows of the concatenated corpus, across document
-boundaries, as nanoGPT does. ``pack`` (or --pack) separates the documents with an EOT token and draws the same kind
+Documents (--docs, default concat): concat trains on windows of the concatenated corpus, across document
+boundaries, as nanoGPT does. pack (or --pack) separates the documents with an EOT token and draws the same kind
 of windows, but each row attends only within each of its documents (boundaries found on the host from the EOT
 positions, passed to the model as cu_seqlens; positions restart at every document) and pays nothing for padding.
-``pad`` (or --pad) is packing's baseline: each document chunk of at most block_size tokens in a row of its own,
+pad (or --pad) is packing's baseline: each document chunk of at most block_size tokens in a row of its own,
 padded, the padding left out of the loss. In pad mode tokens/s and MFU count the real (non-padding) tokens only.
 
 Checkpoints (atomic: a temp file in --out-dir, then os.replace) hold everything a run depends on: model, optimizer,
-step, model config, train arguments, RNG states and the data position. ``--resume`` continues bit-exactly: on CPU in
-fp32 the resumed loss curve is identical to an uninterrupted one. ``--stop-at`` ends a run early (checkpointed)
-without changing the LR schedule.
+step, model config, train arguments, RNG states and the data position. --resume continues bit-exactly: on CPU in
+fp32 the resumed loss curve is identical to an uninterrupted one. --stop-at ends a run early (checkpointed)
+without changing the LR schedule. --resume, and generate's --ckpt, take a ckpt.pt or the run folder that holds it.
 
 log.jsonl, one JSON object per line (only rank 0 writes):
-    {"kind": "start", "step", "time", "world", "device", "config", "args", "peak_flops", "resumed_from"}
+    {"kind": "start", "step", "time", "world", "device", "threads", "config", "args", "peak_flops", "resumed_from"}
     {"kind": "train", "step", "loss", "lr", "tokens_per_s", "mfu", "elapsed", "grad_norm"}   every --log-every steps
     {"kind": "eval", "step", "val_loss", "elapsed"}                                          every --eval-every steps
 "step" counts finished optimizer steps; "loss" is that step's loss (mean over micro-steps and ranks); tokens/s and
@@ -47,7 +47,7 @@ import time
 
 import torch
 
-from gptkernels import _dispatch
+from gptkernels import _dispatch, _runtime
 from gptkernels import data as gkdata
 from gptkernels.model import GPT, PRESETS, GPTConfig
 
@@ -81,6 +81,11 @@ class TrainConfigError(ValueError):
     """A bad argument or combination of arguments; the message starts with the option's name."""
 
 
+class CheckpointError(ValueError):
+    """A file that is no usable checkpoint; the message names the option, says what the file is and what a checkpoint
+    looks like."""
+
+
 # ------------------------------------------------------------------------------------------------------ arguments
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The trainer's options. Defaults are None here and resolved per device (see DEFAULTS) or from --resume."""
@@ -109,7 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the schedule; continue later with --resume")
     g.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 on CPU, 6e-4 on CUDA)")
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default: lr / 10)")
-    g.add_argument("--warmup", type=int, help="linear warmup steps (default: 20 on CPU, 100 on CUDA)")
+    g.add_argument("--warmup", type=int, help="linear warmup steps (default: 5%% of --lr-decay-steps, at most 20, on "
+                   "CPU; 10%%, at most 100, on CUDA)")
     g.add_argument("--lr-decay-steps", type=int, help="step where the cosine reaches --min-lr (default: --steps)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     g.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this; 0 disables (default 1.0)")
@@ -238,17 +244,71 @@ def _find_checkpoint(ns) -> str:
             if not found:
                 raise FileNotFoundError("--resume: no PATH given, no --out-dir, and no runs/*/ckpt.pt here")
             target = found[-1]
-    path = os.path.join(target, CKPT_NAME) if os.path.isdir(target) else target
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
-    return path
+    return checkpoint_path(target, "--resume")
+
+
+# What the errors say a checkpoint is.
+CKPT_HINT = (f"a checkpoint is the {CKPT_NAME} that python -m gptkernels train writes into its run folder (a "
+             f"torch.save dict with keys format, step, model, optimizer, config, args, rng, data, elapsed); give that "
+             f"file or the run folder")
+
+
+def checkpoint_path(target, option: str = "--resume") -> str:
+    """The checkpoint file of ``target``: a ckpt.pt (any file name), or a run folder holding ckpt.pt. Raises
+    FileNotFoundError naming ``option``."""
+    target = os.fspath(target)
+    if os.path.isdir(target):
+        path = os.path.join(target, CKPT_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{option}: no checkpoint at {path!r}: the folder {target!r} has no {CKPT_NAME} "
+                                    f"(train writes it every --ckpt-every steps and at the end)")
+        return path
+    if not os.path.isfile(target):
+        raise FileNotFoundError(f"{option}: no checkpoint at {target!r}: no such file or folder")
+    return target
+
+
+def _file_kind(path: str) -> str | None:
+    """What a file that torch.load cannot read is, from its first bytes; None for a zip archive or a pickle (the two
+    torch.save formats), where torch's own error says more."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+        text = b"\0" not in head
+    except UnicodeDecodeError as e:
+        text = e.start >= len(head) - 3  # a character cut at the 4096-byte boundary
+    return "a text file" if text else "a binary file, neither a zip archive (torch.save's format) nor a pickle"
+
+
+def torch_load(path: str, option: str = "--resume", map_location="cpu"):
+    """torch.load(weights_only=True) of a checkpoint; a file it cannot read raises CheckpointError, which says what the
+    file is and what a checkpoint looks like (not torch's advice to load with weights_only=False)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        kind = _file_kind(path)
+        if kind is not None:
+            raise CheckpointError(f"{option} {path!r} is {kind}, not a checkpoint; {CKPT_HINT}") from None
+        msg = str(e)
+        # weights_only refusals are paragraphs; the line after "WeightsUnpickler error:" names what was refused.
+        detail = msg.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in msg else msg
+        detail = next((line.strip() for line in detail.splitlines() if line.strip()), type(e).__name__)
+        detail = detail.split(". ", 1)[0].rstrip(".")  # the first sentence: what failed, not how to load it anyway
+        raise CheckpointError(f"{option} {path!r}: torch.load(weights_only=True) cannot read it ({detail}); "
+                              f"{CKPT_HINT}") from None
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """A trainer checkpoint, loaded with weights_only=True (tensors, dicts, lists and primitives only)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = torch_load(path, "--resume", map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"--resume: {path!r} is not a gptkernels trainer checkpoint (format {CKPT_FORMAT})")
+        raise CheckpointError(f"--resume: {path!r} is not a gptkernels trainer checkpoint (format {CKPT_FORMAT}); "
+                              f"{CKPT_HINT}")
     return ckpt
 
 
@@ -270,13 +330,19 @@ def _resolve(ns, dist: _Dist, device: torch.device):
                 setattr(ns, k, v)
         if ns.out_dir is None:
             ns.out_dir = os.path.dirname(os.path.abspath(ckpt_path))
-    for k, v in {**DEFAULTS[device.type], **COMMON_DEFAULTS}.items():
-        if getattr(ns, k) is None:
+    defaults = {**DEFAULTS[device.type], **COMMON_DEFAULTS}
+    for k, v in defaults.items():
+        if getattr(ns, k) is None and k != "warmup":
             setattr(ns, k, v)
     if ns.min_lr is None:
         ns.min_lr = ns.lr / 10
     if ns.lr_decay_steps is None:
         ns.lr_decay_steps = ns.steps
+    if ns.warmup is None:  # the default's share of the default run; a 20-step run would otherwise never leave warmup
+        if isinstance(ns.lr_decay_steps, int):
+            ns.warmup = min(defaults["warmup"], ns.lr_decay_steps * defaults["warmup"] // defaults["steps"])
+        else:
+            ns.warmup = defaults["warmup"]  # _validate names the bad --lr-decay-steps
     if ns.backend == "auto":
         ns.backend = None
     if ns.out_dir is None:
@@ -341,6 +407,17 @@ def lr_at(step: int, ns) -> float:
     return ns.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (ns.lr - ns.min_lr)
 
 
+def lr_summary(ns) -> str:
+    """The schedule as the banner states it, computed with lr_at: the highest LR of the run's --steps steps and the LR
+    of the last one."""
+    last = lr_at(ns.steps - 1, ns)
+    if ns.warmup >= ns.steps:
+        return (f"lr {lr_at(0, ns):.3g} -> {last:.3g}: linear warmup to {ns.lr:g} over {ns.warmup} steps, longer than "
+                f"the run's {ns.steps} (no decay)")
+    return (f"lr {ns.lr:g} -> {last:.3g} at step {ns.steps} (warmup {ns.warmup}, cosine to {ns.min_lr:g} at step "
+            f"{ns.lr_decay_steps})")
+
+
 # --------------------------------------------------------------------------------------------------------- peak
 _CPU_PEAK: dict = {}
 
@@ -375,7 +452,7 @@ def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
     if device.type == "cpu":
         peak = measure_cpu_peak()
         return peak, (f"MFU vs measured CPU matmul peak {peak / 1e9:.1f} GFLOP/s (best fp32 n^3 matmul, n <= 1024, "
-                      f"{torch.get_num_threads()} threads)")
+                      f"{_runtime.threads_text()})")
     name = torch.cuda.get_device_name(device)
     for frag, peaks in GPU_PEAK_FLOPS.items():
         if frag in name:
@@ -497,12 +574,12 @@ def plot_losses(log_path: str, png_path: str, title: str = "") -> str | None:
 # -------------------------------------------------------------------------------------------------------- train
 def train(args_or_config=None, **overrides) -> dict:
     """Train with the given options (an argparse.Namespace, a dict of option names, or keywords, e.g.
-    ``train(model="tiny", block_size=32, steps=10)``); missing ones take the device defaults.
+    train(model="tiny", block_size=32, steps=10)); missing ones take the device defaults.
 
     Returns the final metrics: steps, train_loss (last logged), val_loss (last eval), tokens_per_s and mfu (of this
     run's training time), elapsed, out_dir, log, checkpoint, plot (paths), config (the model's, a dict).
-    Raises TrainConfigError or gptkernels.data.DataError (ValueErrors) or FileNotFoundError for bad arguments and
-    data, naming the option.
+    Raises TrainConfigError, CheckpointError or gptkernels.data.DataError (ValueErrors) or FileNotFoundError for bad
+    arguments, checkpoints and data, naming the option.
     """
     ns = _namespace(args_or_config, overrides)
     dist = _Dist()
@@ -559,10 +636,10 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
             os.remove(log_path)
         _trim_log(log_path, step)
     out = _Output(dist.master, log_path, not args.no_progress, end, step)
-    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    threads = f" ({_runtime.threads_text()})" if device.type == "cpu" else ""
     ranks = f"{W} ranks (DDP, {'nccl' if device.type == 'cuda' else 'gloo'})" if W > 1 else "1 rank"
-    out.print(f"gptkernels train: device {device}{threads}, backend {args.backend or 'auto'}, {args.dtype}, {ranks}"
-              + (", torch.compile" if args.compile else ""))
+    out.print(f"gptkernels train: device {device}{threads}, backend {_runtime.backend_text(args.backend)}, "
+              f"{args.dtype}, {ranks}" + (", torch.compile" if args.compile else ""))
     out.print(f"model {args.model}: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {T}, "
               f"vocab {config.vocab_size}: {raw.num_params() / 1e6:.2f}M params, "
               f"{flops_per_token / 1e6:.1f} MFLOP/token")
@@ -576,13 +653,13 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
     per_rank = f" ({B // W} per rank)" if W > 1 else ""
     slots = " slots (real tokens fewer by the padding)" if args.docs == "pad" else ""
     out.print(f"batch: {B}{per_rank} x {T} tokens x {A} accum = {tokens_per_step:,} tokens{slots}/step; "
-              f"{args.steps} steps = {total:,} tokens ({total / len(dataset.train):.2f} epochs); lr {args.lr:g} -> "
-              f"{args.min_lr:g}, warmup {args.warmup}")
+              f"{args.steps} steps = {total:,} tokens ({total / len(dataset.train):.2f} epochs); {lr_summary(args)}")
     out.print(peak_note)
     out.print(f"out: {out_dir}/{{{LOG_NAME}, {CKPT_NAME}, {PLOT_NAME}}}"
               + (f"; resumed from {ckpt_path} at step {step}" if ckpt_path else ""))
     out.record({"kind": "start", "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": W,
-                "device": str(device), "config": config.to_dict(), "args": vars(args), "peak_flops": peak,
+                "device": str(device), "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                "config": config.to_dict(), "args": vars(args), "peak_flops": peak,
                 "resumed_from": ckpt_path})
 
     t_start = time.perf_counter()
@@ -704,17 +781,20 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def run(args) -> int:
-    """``python -m gptkernels train``: train with parsed arguments; a bad argument prints one line and returns 2."""
+    """python -m gptkernels train: train with parsed arguments; a bad argument prints one line and returns 2."""
     try:
         train(args)
-    except (TrainConfigError, gkdata.DataError, FileNotFoundError) as e:
+    except (TrainConfigError, CheckpointError, gkdata.DataError, FileNotFoundError) as e:
         print(f"gptkernels train: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def main(argv=None) -> int:
-    return run(_parser().parse_args(argv))
+    """python -m gptkernels.train (and torchrun -m gptkernels.train): the same as python -m gptkernels train."""
+    from gptkernels.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

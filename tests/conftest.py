@@ -28,13 +28,37 @@ def backend_params():
     ]
 
 
+GPU_SKIP_REASON = "gpu test: no CUDA device on this machine"
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
-    skip = pytest.mark.skip(reason="gpu test: no CUDA device on this machine")
+    skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _is_gpu_skip(report) -> bool:
+    longrepr = getattr(report, "longrepr", None)
+    return isinstance(longrepr, tuple) and len(longrepr) == 3 and longrepr[2] == f"Skipped: {GPU_SKIP_REASON}"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter):
+    """One line for the gpu tests skipped on a machine without CUDA, instead of one -ra line per test location; every
+    other skip keeps its line and reason. The skips stay in the final count."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    gpu = [r for r in skipped if _is_gpu_skip(r)]
+    if gpu:
+        terminalreporter.stats["skipped"] = [r for r in skipped if not _is_gpu_skip(r)]
+    try:
+        return (yield)  # the terminal reporter's own summary, -ra's short summary included, runs in here
+    finally:
+        if gpu:
+            terminalreporter.stats["skipped"] = skipped
+            terminalreporter.write_line(f"{len(gpu)} gpu tests skipped: no CUDA device (they run where torch sees one)")
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from gptkernels import _runtime
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 
@@ -34,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", choices=("ops", "overhead"), default="ops",
                    help="ops (default): throughput of every op at model shapes; overhead: host time per call of every "
                         "public op at decode sizes vs the eager call it replaces (gptkernels/bench/overhead.py)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads for the run (default: the overhead suite 1, the ops suite torch's default)")
+    _runtime.add_arguments(p, "threads for torch and the C++ kernels' OpenMP (default: the overhead suite 1, the "
+                           "ops suite torch's, one per core)")
     p.add_argument("--ops", type=_csv, default=None,
                    help="comma list of ops, or 'all' (default: the device's default suite; see --list)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present, else cpu")
@@ -177,7 +179,7 @@ def run(args) -> int:
                  time_budget=args.time_budget, seed=args.seed, argv=[shlex.quote(a) for a in _command(args)],
                  progress=not args.no_progress, on_update=save, on_start=_print_header)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        _runtime.set_threads(args.threads)
     result = run_suite(cfg)
     written = [*report.write(result, out), report.write_markdown(result, out)]
     if args.plot:
