@@ -43,7 +43,8 @@ def cmd_info(args) -> int:
         print(f"extension  NOT LOADED: {b['error']}")
     else:
         cuda = (f"CUDA runtime {b['cuda_runtime_version'] // 1000}.{b['cuda_runtime_version'] % 1000 // 10}, "
-                f"archs {info['compiled_backends']['cuda']}" if b["cuda"] else "no CUDA kernels in this build")
+                f"archs {info['compiled_backends']['cuda']}" if b["cuda"] else
+                f"no CUDA kernels in this build: {b.get('cuda_why') or 'reason not recorded'}")
         omp = f"on, {_runtime.threads_text(b['openmp_max_threads'])}" if b["openmp"] else "off"
         print(f"extension  gptkernels._C ({b['compiler']}, OpenMP {omp}; {cuda})")
     print("gpus       " + (", ".join(info["gpus"]) if info["gpus"] else "none visible"))

@@ -386,3 +386,17 @@ def test_profile_without_trace_prints_no_profiler_lines(tmp_path):
     allowed = ("gptkernels profile: device cpu (1 thread)", "warming up ", "repeat ", "busy machine: ")
     assert [line for line in r.stderr.splitlines() if not line.startswith(allowed)] == [], r.stderr
     assert json.loads(out.read_text())["rows"][1]["peak_mem_mb"] > 0
+
+
+def test_info_says_why_the_build_has_no_cuda(monkeypatch, capsys):
+    real = _dispatch.info()
+    build = dict(real["build"], cuda=False, cuda_why="GPTKERNELS_CUDA=0")
+    monkeypatch.setattr(_dispatch, "info", lambda: dict(real, build=build))
+    assert cli.main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("extension"))
+    assert "no CUDA kernels in this build: GPTKERNELS_CUDA=0" in line
+
+
+def test_build_records_why_cuda_is_in_or_out():
+    why = _dispatch.build_info().get("cuda_why")
+    assert why and why != "built without setup.py", why
