@@ -727,6 +727,70 @@ def _pad_index(cu, total, width):
     return seq * width + (width - lens[seq]) + pos, lens
 
 
+# The triton backend runs varlen natively: its kernels read cu_seqlens (triton/attention.py, VARLEN). Registered as
+# custom ops with fakes, as the dense ones, so torch.compile traces through them.
+def _varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, alibi, scale, window_left, window_right, bottom_right, softcap,
+                     dropout_p, seed):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, scale, window_left, window_right,
+                     bottom_right, softcap, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@_common.triton_op("attention_varlen_fwd_triton", _varlen_fwd_fake)
+def _attention_varlen_fwd_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+    alibi: torch.Tensor | None, scale: float, window_left: int, window_right: int, bottom_right: bool, softcap: float,
+    dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from gptkernels.triton import attention as tl_attn
+
+    return tl_attn.attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, scale, window_left, window_right,
+                                        bottom_right, softcap, dropout_p, seed)
+
+
+@_common.triton_op("attention_varlen_bwd_triton", _varlen_bwd_fake)
+def _attention_varlen_bwd_triton(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, alibi: torch.Tensor | None, scale: float,
+    window_left: int, window_right: int, bottom_right: bool, softcap: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gptkernels.triton import attention as tl_attn
+
+    return tl_attn.attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, scale, window_left,
+                                        window_right, bottom_right, softcap, dropout_p, seed)
+
+
+class AttentionVarlenFunction(torch.autograd.Function):
+    """Packed q (total_q, H, E), k, v (total_k, Hkv, E) with int32 offsets cu_q, cu_k and the max lengths, on the
+    triton varlen ops. args: (scale, window_left, window_right, bottom_right, softcap, dropout_p, seed); returns
+    (out (total_q, H, E), lse (H, total_q)), lse not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, alibi, *args):
+        out, lse = _common.kernel_op("attention_varlen_fwd", "triton")(q, k, v, cu_q, cu_k, max_q, max_k, alibi, *args)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
+        ctx.max_lengths = (max_q, max_k)
+        ctx.args = args
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        del dlse  # lse is returned for inspection (return_attn_probs), not differentiated through
+        q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+        dq, dk, dv = _common.kernel_op("attention_varlen_bwd", "triton")(dout, q, k, v, out, lse, cu_q, cu_k,
+                                                                         *ctx.max_lengths, alibi, *ctx.args)
+        return (dq, dk, dv) + (None,) * (5 + len(ctx.args))
+
+
+# What explain() adds for each varlen strategy.
+_VARLEN_NATIVE = "native varlen: the kernels read cu_seqlens (work and memory of the real tokens)"
+_VARLEN_PADDED = "padded to max_seqlen: an (nseq, max_seqlen) batch with a key-padding mask"
+_VARLEN_LOOP = "one dense call per sequence"
+
 # On the CPU the offsets are free to read, so when padding every sequence to max_seqlen would do more than 1.25x the
 # attention work of the sequences themselves, each sequence runs as its own dense call instead (each call costs ~20 us
 # of host time, hence the cap on their number).
@@ -760,11 +824,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """FlashAttention's ``flash_attn_varlen_func``: attention within each of several packed sequences, no attention
     across them, with :func:`flash_attn_func`'s conventions (bottom-right causal and windows, softcap, ALiBi).
 
-    The sequences are gathered into a front-padded (nseq, max_seqlen) batch (no host synchronization: max_seqlen
-    comes from the caller), run through the dense kernels with a key-padding mask, and scattered back; so the
-    attention itself costs what the padded batch costs, while everything around it runs on the packed tokens. On
-    the CPU, where the offsets are free to read, a batch whose padding would cost over 1.25x the sequences' own
-    attention work (and has at most 256 sequences) runs one dense call per sequence instead.
+    On the triton backend the kernels read the offsets themselves, as FlashAttention's varlen kernels do: one
+    program per (tile of max_seqlen rows, sequence, head), and a tile past its sequence's end exits at once, so the
+    work and memory are those of the real tokens (no host synchronization: max_seqlen comes from the caller). The
+    other backends gather the sequences into a front-padded (nseq, max_seqlen) batch, run the dense kernels with a
+    key-padding mask, and scatter back: the attention itself costs what the padded batch costs. On the CPU, where
+    the offsets are free to read, a batch whose padding would cost over 1.25x the sequences' own attention work (and
+    has at most 256 sequences) runs one dense call per sequence instead. explain() says which strategy ran.
 
     Args:
         q: (total_q, H, E); k: (total_k, Hkv, E); v: (total_k, Hkv, Ev); Hkv divides H.
@@ -801,11 +867,23 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     alibi = _fa_alibi(fn, alibi_slopes, nseq, H, q.device)
     scale = 1.0 / math.sqrt(E) if softmax_scale is None else float(softmax_scale)
     mq, mk = int(max_seqlen_q), int(max_seqlen_k)
+    order, why = _auto_order(q.device)
+    be = _dispatch.select(fn, q.device, backend, _supports(q.dtype, E, q.device, Ev), key=(q.dtype, E, Ev),
+                          order=order, order_why=why)
+    if be == "triton":
+        cu_q, cu_k = (cu if cu.dtype == torch.int32 else cu.to(torch.int32) for cu in (cu_seqlens_q, cu_seqlens_k))
+        seed = _draw_seed() if dropout_p > 0 else 0
+        out, lse = _common.apply(AttentionVarlenFunction, q, k, v, cu_q, cu_k, mq, mk, alibi, scale, left, right,
+                                 True, float(softcap), float(dropout_p), seed)
+        _dispatch.note(fn, _VARLEN_NATIVE)
+        return (out, lse, None) if return_attn_probs else out
     if lq is not None and 0 < nseq <= _VARLEN_LOOP_MAX:  # CPU offsets, already read by the checks
         work = sum((lq[b + 1] - lq[b]) * (lk[b + 1] - lk[b]) for b in range(nseq))
         if nseq * mq * mk > _VARLEN_PAD_WASTE * work:
-            return _varlen_loop(fn, q, k, v, lq, lk, dropout_p, scale, left, right, softcap, alibi, backend,
-                                return_attn_probs)
+            result = _varlen_loop(fn, q, k, v, lq, lk, dropout_p, scale, left, right, softcap, alibi, backend,
+                                  return_attn_probs)
+            _dispatch.note(fn, _VARLEN_LOOP)
+            return result
     iq, _ = _pad_index(cu_seqlens_q, total_q, mq)
     ik, lens_k = _pad_index(cu_seqlens_k, total_k, mk)
     qp = q.new_zeros(nseq * mq, H, E).index_copy(0, iq, q).view(nseq, mq, H, E)
@@ -815,6 +893,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     mask = (keys >= mk - lens_k[:, None]).view(nseq, 1, 1, mk)  # the padding slots are hidden
     out, lse = _run(fn, qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), mask, dropout_p, scale, left,
                     right, True, float(softcap), alibi, backend)
+    _dispatch.note(fn, _VARLEN_PADDED)
     out = out.transpose(1, 2).reshape(nseq * mq, H, Ev).index_select(0, iq)
     if not return_attn_probs:
         return out

@@ -52,6 +52,19 @@ tl.rand) keyed by the seed with the counter (j, i, b * H + h, 0), so any tile sh
 backward, regenerates the same decision. keep iff the top 24 bits of the first output word are
 >= round(dropout_p * 2^24).
 
+Varlen (VARLEN, FlashAttention's varlen kernels): packed q (total_q, H, D), k, v (total_k, Hkv, D) with int32 offsets
+cu_q, cu_k (nseq + 1,); sequence b holds rows cu_q[b] .. cu_q[b + 1] - 1 and keys cu_k[b] .. cu_k[b + 1] - 1. The
+grids are the dense ones with B = nseq and T = max_seqlen: program (tile, b, h) loads q0 = cu_q[b], Tq = cu_q[b + 1]
+- q0 (k0, Tk likewise), exits at once when its tile starts at or past its sequence's end, and otherwise runs the
+dense code on the sequence alone: Q, Out, DOut, DQ moved by q0 rows, K, V, DK, DV by k0 rows (a packed tensor is
+(1, H, total, D) with row stride H * D and batch stride 0), and Tq, Tk and the bottom-right offset Tk - Tq are the
+sequence's own wherever the dense kernel uses them (visibility, key and query ranges, bounds). So the work is that of
+the real tokens, sum_b Tq_b * Tk_b per head, not nseq * max_q * max_k; an idle program costs four loads. lse and
+delta are (H, total_q), FlashAttention's varlen layout. The backward's preprocess kernel needs no boundaries (delta is
+per row): it runs dense, as one batch of total_q rows. Dropout's counter is (j, i, b * H + h) with b the sequence and
+i, j positions within it, in the forward and the backward alike. With VARLEN=False (dense calls) none of this is
+compiled; their constexprs and launch shapes are unchanged.
+
 Decode (flash-decoding): q (B, H, Tn, D) are the Tn newest tokens; keys at positions >= cache_seqlens[b] are
 never read. One program per (b, kv head, tile of the group's H / Hkv * Tn query rows, key split): the query heads
 of a GQA group share their K/V tile loads. Each split writes a partial (out, lse) in fp32; a merge kernel combines
@@ -104,9 +117,10 @@ _BWD_TILES = [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (32, 64, 4, 2), (
 _FWD_TILES_FP32 = [(64, 32, 4, 2), (32, 32, 4, 2)]
 _BWD_TILES_FP32 = [(32, 32, 4, 2), (32, 32, 8, 1)]  # tuples distinct from the 16-bit lists: prune tells them apart
 # Keys: head-dim tile, dtype (added by triton.autotune for every tensor argument), the sequence lengths rounded up
-# to powers of two (a new exact length must not re-tune: decoding and packed batches vary it every call) and the
-# masking and score variant, which changes the work per tile.
-_KEY = ["BLOCK_D", "TQ_KEY", "TK_KEY", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_MASK", "DROPOUT"]
+# to powers of two (a new exact length must not re-tune: decoding and packed batches vary it every call; varlen: the
+# max_seqlen values) and the masking, score and varlen variant, which changes the work per tile.
+_KEY = ["BLOCK_D", "TQ_KEY", "TK_KEY", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_MASK", "DROPOUT",
+        "VARLEN"]
 # A new seed, length bucket or alignment offset (chunked prefill moves it every call) must not recompile; the window
 # bounds only enter index compares, where Triton's divisibility specialization buys nothing.
 _NO_SPECIALIZE = ["seed", "TQ_KEY", "TK_KEY", "offset", "left", "right"]
@@ -311,6 +325,17 @@ def _tile_index(pid, n_tiles, LATE_HEAVY: tl.constexpr):
     return t, pid // n_tiles
 
 
+@triton.jit
+def _seq_span(CuQ, CuK, b, bottom_right):
+    """VARLEN: (Tq, Tk, offset, q0, k0) of packed sequence b: its lengths, its alignment offset (bottom_right is 0 or
+    1: Tk - Tq of this sequence, or 0) and its first rows, int64 as they multiply row strides."""
+    q0 = tl.load(CuQ + b)
+    k0 = tl.load(CuK + b)
+    Tq = tl.load(CuQ + b + 1) - q0
+    Tk = tl.load(CuK + b + 1) - k0
+    return Tq, Tk, bottom_right * (Tk - Tq), q0.to(tl.int64), k0.to(tl.int64)
+
+
 # -------------------------------------------------------------------------------------------------- forward
 @_tuned(_FWD_TILES, _FWD_TILES_FP32, _fwd_live)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -320,26 +345,41 @@ def _attention_fwd_kernel(
     V,  # (B, Hkv, Tk, D)
     Mask,  # (B, H, Tq, Tk) fp32 through broadcast strides; read only when HAS_MASK
     Alibi,  # (B, H) fp32 slopes, any strides; read only when HAS_ALIBI
+    CuQ,  # (B + 1,) int32 query offsets; read only when VARLEN
+    CuK,  # (B + 1,) int32 key offsets; read only when VARLEN
     Out,  # (B, H, Tq, D)
-    Lse,  # (B, H, Tq) fp32, contiguous
+    Lse,  # (B, H, Tq) fp32, contiguous (varlen: (H, total_q))
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
     stride_ob, stride_oh, stride_om,
+    stride_lh,  # VARLEN: lse's head stride, total_q
     H, Tq, Tk, GROUP,
     offset, left, right, qk_scale, softcap, drop_thresh, drop_scale, seed,
     TQ_KEY, TK_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Bytes: q, out and lse once; K/V once per query tile (from L2 for the neighbours of a head).
     pid_m, pid_bh = _tile_index(tl.program_id(0), tl.cdiv(Tq, BLOCK_M), HAS_RIGHT and not HAS_LEFT)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    if VARLEN:
+        Tq, Tk, offset, q0, k0 = _seq_span(CuQ, CuK, b, offset)
+        if start_m >= Tq:
+            return
+        Q += q0 * stride_qm
+        K += k0 * stride_kn
+        V += k0 * stride_vn
+        Out += q0 * stride_om
+        Lse += h * stride_lh + q0
+    else:
+        Lse += pid_bh.to(tl.int64) * Tq
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
@@ -348,7 +388,6 @@ def _attention_fwd_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + b * stride_ab + h * stride_ah)
-    start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -386,7 +425,7 @@ def _attention_fwd_kernel(
     tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=_row_mask(m_ok, offs_d, HEAD_DIM, BLOCK_D))
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(Lse + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
+    tl.store(Lse + offs_m, lse, mask=m_ok)
 
 
 # ------------------------------------------------------------------------------------------------- backward
@@ -434,23 +473,27 @@ def _attention_bwd_dkdv_kernel(
     V,  # (B, Hkv, Tk, D)
     Mask,  # (B, H, Tq, Tk) fp32 through broadcast strides; read only when HAS_MASK
     Alibi,  # (B, H) fp32 slopes, any strides; read only when HAS_ALIBI
+    CuQ,  # (B + 1,) int32 query offsets; read only when VARLEN
+    CuK,  # (B + 1,) int32 key offsets; read only when VARLEN
     DOut,  # (B, H, Tq, D)
-    Lse,  # (B, H, Tq) fp32, contiguous: the preprocess kernel's LseBwd
-    Delta,  # (B, H, Tq) fp32, contiguous
-    DK,  # (B, Hkv, Tk, D), contiguous
-    DV,  # (B, Hkv, Tk, D), contiguous
+    Lse,  # (B, H, Tq) fp32, contiguous (varlen: (H, total_q)): the preprocess kernel's LseBwd
+    Delta,  # (B, H, Tq) fp32, the layout of Lse
+    DK,  # (B, Hkv, Tk, D), strides in units of D (see the store)
+    DV,  # (B, Hkv, Tk, D), the strides of DK
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
     stride_db, stride_dh, stride_dm,
+    stride_lh,  # VARLEN: lse's head stride, total_q
+    stride_dkb, stride_dkh, stride_dkn,
     H, Hkv, Tq, Tk, GROUP,
     offset, left, right, qk_scale, softcap, scale, drop_thresh, drop_scale, seed,
     TQ_KEY, TK_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Scores are formed transposed, (BLOCK_N keys, BLOCK_M queries), so dv += p^T dout and dk += ds^T q need no
     # transpose of a register tile. Bytes: K/V, dK/dV once; q, dout, lse, delta once per key tile and group head.
@@ -459,6 +502,18 @@ def _attention_bwd_dkdv_kernel(
     b = (pid_bhk // Hkv).to(tl.int64)
     hk = (pid_bhk % Hkv).to(tl.int64)
     start_n = pid_n * BLOCK_N
+    if VARLEN:
+        Tq, Tk, offset, q0, k0 = _seq_span(CuQ, CuK, b, offset)
+        if start_n >= Tk:
+            return
+        Q += q0 * stride_qm
+        DOut += q0 * stride_dm
+        Lse += q0
+        Delta += q0
+        K += k0 * stride_kn
+        V += k0 * stride_vn
+        DK += k0 * stride_dkn * HEAD_DIM
+        DV += k0 * stride_dkn * HEAD_DIM
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -474,6 +529,10 @@ def _attention_bwd_dkdv_kernel(
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h  # int64
+        if VARLEN:
+            lse_row = h * stride_lh
+        else:
+            lse_row = bh * Tq
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DOut + b * stride_db + h * stride_dh
         Mh = Mask + b * stride_mb + h * stride_mh
@@ -483,7 +542,7 @@ def _attention_bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             m_ok = offs_m < Tq
-            lse, delta, live = _row_stats(Lse, Delta, bh * Tq + offs_m, m_ok)
+            lse, delta, live = _row_stats(Lse, Delta, lse_row + offs_m, m_ok)
             q = tl.load(Qh + offs_m[:, None] * stride_qm + offs_d[None, :], other=0.0,
                         mask=_row_mask(live, offs_d, HEAD_DIM, BLOCK_D))
             do = tl.load(DOh + offs_m[:, None] * stride_dm + offs_d[None, :], other=0.0,
@@ -506,7 +565,11 @@ def _attention_bwd_dkdv_kernel(
                 dst = dst * (1.0 - tt * tt)
             dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
 
-    out_off = (b * Hkv + hk) * Tk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    # Strides in units of D (the launchers allocate the gradients, so each stride is a multiple of D): the compiler
+    # then still sees D-aligned rows. Element strides hid that for D = 40 (40 is not a multiple of 16, Triton's
+    # divisibility hint): the fp32 kernel at 32 x 32 tiles went from 155 to 212 registers and 3336 to 4336 SASS
+    # instructions (compiled ahead of time for sm_90, ptxas of Triton 3.8); in units of D both stay at 155 / 3336.
+    out_off = (b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -519,41 +582,60 @@ def _attention_bwd_dq_kernel(
     V,  # (B, Hkv, Tk, D)
     Mask,  # (B, H, Tq, Tk) fp32 through broadcast strides; read only when HAS_MASK
     Alibi,  # (B, H) fp32 slopes, any strides; read only when HAS_ALIBI
+    CuQ,  # (B + 1,) int32 query offsets; read only when VARLEN
+    CuK,  # (B + 1,) int32 key offsets; read only when VARLEN
     DOut,  # (B, H, Tq, D)
-    Lse,  # (B, H, Tq) fp32, contiguous: the preprocess kernel's LseBwd
-    Delta,  # (B, H, Tq) fp32, contiguous
-    DQ,  # (B, H, Tq, D), contiguous
+    Lse,  # (B, H, Tq) fp32, contiguous (varlen: (H, total_q)): the preprocess kernel's LseBwd
+    Delta,  # (B, H, Tq) fp32, the layout of Lse
+    DQ,  # (B, H, Tq, D), strides in units of D (see the dK/dV kernel's store)
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
     stride_db, stride_dh, stride_dm,
+    stride_lh,  # VARLEN: lse's head stride, total_q
+    stride_dqb, stride_dqh, stride_dqm,
     H, Tq, Tk, GROUP,
     offset, left, right, qk_scale, softcap, scale, drop_thresh, drop_scale, seed,
     TQ_KEY, TK_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Bytes: q, dout, dq, lse, delta once; K/V once per query tile.
     pid_m, pid_bh = _tile_index(tl.program_id(0), tl.cdiv(Tq, BLOCK_M), HAS_RIGHT and not HAS_LEFT)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    if VARLEN:
+        Tq, Tk, offset, q0, k0 = _seq_span(CuQ, CuK, b, offset)
+        if start_m >= Tq:
+            return
+        Q += q0 * stride_qm
+        DOut += q0 * stride_dm
+        Lse += q0
+        Delta += q0
+        DQ += q0 * stride_dqm * HEAD_DIM
+        K += k0 * stride_kn
+        V += k0 * stride_vn
+        lse_row = h * stride_lh
+    else:
+        lse_row = pid_bh.to(tl.int64) * Tq
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
     Mask += b * stride_mb + h * stride_mh
+    DQ += (b * stride_dqb + h * stride_dqh) * HEAD_DIM
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + b * stride_ab + h * stride_ah)
-    start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
     q_mask = _row_mask(m_ok, offs_d, HEAD_DIM, BLOCK_D)
-    lse, delta, live = _row_stats(Lse, Delta, pid_bh.to(tl.int64) * Tq + offs_m, m_ok)
+    lse, delta, live = _row_stats(Lse, Delta, lse_row + offs_m, m_ok)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], other=0.0,
                 mask=_row_mask(live, offs_d, HEAD_DIM, BLOCK_D))
     do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :], mask=q_mask,
@@ -577,8 +659,8 @@ def _attention_bwd_dq_kernel(
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
-    tl.store(DQ + pid_bh.to(tl.int64) * Tq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + offs_m[:, None] * stride_dqm * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
 
 
 # --------------------------------------------------------------------------------------------------- decode
@@ -675,13 +757,18 @@ def _decode_merge_kernel(
 
 # ------------------------------------------------------------------------------------------------ launchers
 
-def _check_qkv(q, k, v):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention: q, k, v must be 4-D (B, H, T, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+def _check_qkv(q, k, v, varlen=False):
+    """Dense inputs are 4-D (B, H, T, D); varlen ones 3-D packed (total, H, D)."""
+    nd, layout = (3, "(total, H, D)") if varlen else (4, "(B, H, T, D)")
+    if q.dim() != nd or k.dim() != nd or v.dim() != nd:
+        raise ValueError(f"attention: q, k, v must be {nd}-D {layout}, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    B, H, _, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, Hkv, Tk, D={D})")
+    H, D = q.shape[1], q.shape[-1]
+    if varlen and (k.shape != v.shape or k.shape[2] != D):
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be (total_k, Hkv, D={D})")
+    if not varlen and (k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != D):
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={q.shape[0]}, Hkv, Tk, "
+                         f"D={D})")
     if (k.shape[1] < 1 or H % k.shape[1]) and not H == k.shape[1] == 0:
         raise ValueError(f"attention: the kv head count {k.shape[1]} must divide the query head count {H}")
     if not q.dtype == k.dtype == v.dtype:
@@ -690,11 +777,31 @@ def _check_qkv(q, k, v):
         raise ValueError(f"attention: head dim {D} not supported by triton; supported: 16..256, multiple of 8")
 
 
-def _common(q, k, mask, alibi, window_left, window_right, bottom_right, scale, softcap, dropout_p, seed):
+def _check_cu(q, cu_q, cu_k, max_q, max_k):
+    for name, cu in (("cu_q", cu_q), ("cu_k", cu_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1 or cu.device != q.device:
+            raise ValueError(f"attention_varlen: {name} must be 1-D int32 (nseq + 1,) offsets on {q.device}, got "
+                             f"{cu.dtype} {tuple(cu.shape)} on {cu.device}")
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"attention_varlen: cu_q {tuple(cu_q.shape)} and cu_k {tuple(cu_k.shape)} must describe "
+                         f"the same sequences")
+    if max_q < 0 or max_k < 0:
+        raise ValueError(f"attention_varlen: max_q {max_q} and max_k {max_k} must be >= 0")
+
+
+def _common(q, k, mask, alibi, window_left, window_right, bottom_right, scale, softcap, dropout_p, seed, varlen=None):
     """What every launch shares: (tensor args Mask, Alibi and their strides, the AttnSpec scalars (offset, left,
-    right, qk_scale, softcap), the trailing scalars (dropout, seed, autotune length keys), constexprs)."""
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    right, qk_scale, softcap), the trailing scalars (dropout, seed, autotune length keys), constexprs).
+
+    varlen: (nseq, max_q, max_k) for packed q (total_q, H, D), k (total_k, Hkv, D). Then B is nseq, the length keys
+    are the max lengths', and offset is the bottom-right flag 0 / 1: the kernels form Tk - Tq per sequence."""
+    if varlen is None:
+        B, H, Tq, D = q.shape
+        Tk = k.shape[2]
+        offset = Tk - Tq if bottom_right else 0
+    else:
+        (B, Tq, Tk), (H, D) = varlen, q.shape[1:]
+        offset = int(bool(bottom_right))
     if mask is not None:
         if mask.dtype != torch.float32 or mask.dim() != 4:
             raise ValueError(f"attention: mask must be a 4-D fp32 tensor, got {mask.dtype} {tuple(mask.shape)}")
@@ -716,7 +823,7 @@ def _common(q, k, mask, alibi, window_left, window_right, bottom_right, scale, s
     left, right = int(window_left), int(window_right)
     dropout = dropout_p > 0.0
     spec = (
-        Tk - Tq if bottom_right else 0, max(left, 0), max(right, 0),  # offset, left, right
+        offset, max(left, 0), max(right, 0),  # offset, left, right
         float(scale) / float(softcap) if softcap > 0 else float(scale), float(softcap),  # qk_scale, softcap
     )  # fmt: skip
     tail = (
@@ -727,7 +834,7 @@ def _common(q, k, mask, alibi, window_left, window_right, bottom_right, scale, s
     consts = dict(
         HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
-        DOT_PREC=_dot_precision(q.dtype),
+        VARLEN=varlen is not None, DOT_PREC=_dot_precision(q.dtype),
     )
     return (m, a), mask_strides + alibi_strides, spec, tail, consts
 
@@ -740,6 +847,12 @@ def _dot_precision(dtype):
 
 def _strides3(t):
     return tuple(t.stride()[:3])
+
+
+def _packed(t):
+    """(b, h, row) strides of a packed (total, H, D) tensor, seen as (1, H, total, D): the batch stride is 0, the
+    kernels reach sequence b through its offset in cu_seqlens."""
+    return 0, t.stride(1), t.stride(0)
 
 
 def attention_fwd(q, k, v, mask, alibi, scale: float, window_left: int, window_right: int, bottom_right: bool,
@@ -770,11 +883,51 @@ def attention_fwd(q, k, v, mask, alibi, scale: float, window_left: int, window_r
 
     with device_guard(q):
         _attention_fwd_kernel[grid](
-            q, k, v, *ptrs, out, lse,
-            *_strides3(q), *_strides3(k), *_strides3(v), *strides, *_strides3(out),
+            q, k, v, *ptrs, q, q, out, lse,
+            *_strides3(q), *_strides3(k), *_strides3(v), *strides, *_strides3(out), 0,
             H, Tq, Tk, H // Hkv, *spec, *tail, **consts, **_meta(),
         )  # fmt: skip
     return out, lse
+
+
+def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, common, scale, dims, pre_rows, strides_of):
+    """The backward's three launches, shared by attention_bwd and attention_varlen_bwd. dims: (B, H, Hkv, Tq, Tk) as
+    the grids see them (varlen: nseq and the max lengths). pre_rows: (B, Tq) of the preprocess kernel's dense view
+    of out, dout and lse (varlen: 1 batch of total_q rows, delta needs no sequence boundaries). strides_of: the
+    (b, h, row) strides of q, k, v, dout and the gradients as the kernels index them."""
+    ptrs, strides, spec, tail, consts = common
+    B, H, Hkv, Tq, Tk = dims
+    D = consts["HEAD_DIM"]
+    scalars = (*spec, float(scale), *tail)
+    block_d = consts["BLOCK_D"]
+    lse = lse.float().contiguous()
+    delta = torch.empty_like(lse)
+    lse_bwd = torch.empty_like(lse)
+    # 8192 elements per tile (two tiles live: 64 fp32 registers per thread at 8 warps); 16 rows interpreted.
+    pre_m = 16 if _INTERPRET else min(128, 8192 // block_d)
+    with device_guard(q):
+        _attention_bwd_preprocess_kernel[(triton.cdiv(pre_rows[1], pre_m) * pre_rows[0] * H,)](
+            out, dout, lse, delta, lse_bwd, *strides_of(out), *strides_of(dout), H, pre_rows[1],
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=8,
+        )  # fmt: skip
+        inputs = (*strides_of(q), *strides_of(k), *strides_of(v), *strides, *strides_of(dout), pre_rows[1])
+
+        def grid_kv(meta):
+            return (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,)
+
+        _attention_bwd_dkdv_kernel[grid_kv](
+            q, k, v, *ptrs, cu_q, cu_k, dout, lse_bwd, delta, dk, dv, *inputs, *(s // D for s in strides_of(dk)),
+            H, Hkv, Tq, Tk, H // Hkv, *scalars, **consts, **_meta(),
+        )  # fmt: skip
+
+        def grid_q(meta):
+            return (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)
+
+        _attention_bwd_dq_kernel[grid_q](
+            q, k, v, *ptrs, cu_q, cu_k, dout, lse_bwd, delta, dq, *inputs, *(s // D for s in strides_of(dq)),
+            H, Tq, Tk, H // Hkv, *scalars, **consts, **_meta(),
+        )  # fmt: skip
+    return dq, dk, dv
 
 
 def attention_bwd(dout, q, k, v, out, lse, mask, alibi, scale: float, window_left: int, window_right: int,
@@ -799,40 +952,84 @@ def attention_bwd(dout, q, k, v, out, lse, mask, alibi, scale: float, window_lef
     if Tq == 0 or Tk == 0:  # no (query, key) pair: the gradients are zero, not placeholders
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, q, k, v, out = (unit_last_stride(t) for t in (dout, q, k, v, out))
-    lse = lse.float().contiguous()
-    ptrs, strides, spec, tail, consts = _common(q, k, mask, alibi, window_left, window_right, bottom_right, scale,
-                                                softcap, dropout_p, seed)
-    scalars = (*spec, float(scale), *tail)
-    block_d = consts["BLOCK_D"]
+    common = _common(q, k, mask, alibi, window_left, window_right, bottom_right, scale, softcap, dropout_p, seed)
+    return _bwd(dout, q, k, v, out, lse, dq, dk, dv, q, q, common, scale, (B, H, Hkv, Tq, Tk), (B, Tq), _strides3)
 
-    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    lse_bwd = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    # 8192 elements per tile (two tiles live: 64 fp32 registers per thread at 8 warps); 16 rows interpreted.
-    pre_m = 16 if _INTERPRET else min(128, 8192 // block_d)
+
+def _varlen_alibi(alibi, nseq, H):
+    # (H,) or (1, H) slopes shared by every sequence: stride 0 over the sequences, as the kernels read (B, H).
+    if alibi is None or (alibi.dim() == 2 and alibi.shape[0] == nseq):
+        return alibi
+    return alibi.reshape(-1, H).expand(nseq, H) if alibi.numel() == H else alibi
+
+
+def attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q: int, max_k: int, alibi, scale: float, window_left: int,
+                         window_right: int, bottom_right: bool, softcap: float, dropout_p: float, seed: int):
+    """attention_fwd on packed sequences: q (total_q, H, D); k, v (total_k, Hkv, D); cu_q, cu_k (nseq + 1,) int32
+    offsets (sequence b holds query rows cu_q[b] .. cu_q[b + 1] - 1 and keys cu_k[b] .. cu_k[b + 1] - 1, and sees
+    nothing of the others); max_q, max_k >= every sequence's lengths (they size the grid; not checked here: a
+    longer sequence would keep rows unwritten). alibi None or fp32 (H,) or (nseq, H). bottom_right aligns each
+    sequence on its own Tk - Tq. Dropout's keep_ij is keyed by (seed, b, h, i, j) with b the sequence and i, j the
+    positions in it.
+
+    Returns (out (total_q, H, D) contiguous in q.dtype, lse (H, total_q) fp32, FlashAttention's varlen layout).
+    """
+    _check_qkv(q, k, v, varlen=True)
+    _check_cu(q, cu_q, cu_k, max_q, max_k)
+    (total_q, H, D), (total_k, Hkv) = q.shape, k.shape[:2]
+    nseq = cu_q.numel() - 1
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels read offset b at cu + b
+    out = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if total_k == 0:  # no keys: every row is fully masked
+        return out.zero_(), lse.fill_(float("-inf"))
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    ptrs, strides, spec, tail, consts = _common(q, k, None, _varlen_alibi(alibi, nseq, H), window_left, window_right,
+                                                bottom_right, scale, softcap, dropout_p, seed, (nseq, max_q, max_k))
+
+    def grid(meta):
+        return (triton.cdiv(max_q, meta["BLOCK_M"]) * nseq * H,)
+
     with device_guard(q):
-        _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m) * B * H,)](
-            out, dout, lse, delta, lse_bwd, *_strides3(out), *_strides3(dout), H, Tq,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=8,
+        _attention_fwd_kernel[grid](
+            q, k, v, *ptrs, cu_q, cu_k, out, lse,
+            *_packed(q), *_packed(k), *_packed(v), *strides, *_packed(out), total_q,
+            H, max_q, max_k, H // Hkv, *spec, *tail, **consts, **_meta(),
         )  # fmt: skip
+    return out, lse
 
-        def grid_kv(meta):
-            return (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,)
 
-        _attention_bwd_dkdv_kernel[grid_kv](
-            q, k, v, *ptrs, dout, lse_bwd, delta, dk, dv,
-            *_strides3(q), *_strides3(k), *_strides3(v), *strides, *_strides3(dout),
-            H, Hkv, Tq, Tk, H // Hkv, *scalars, **consts, **_meta(),
-        )  # fmt: skip
+def attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, alibi, scale: float,
+                         window_left: int, window_right: int, bottom_right: bool, softcap: float, dropout_p: float,
+                         seed: int):
+    """Backward of attention_varlen_fwd (the same offsets, lengths, alibi, window, alignment, softcap, dropout and
+    seed). dout, out: (total_q, H, D); lse (H, total_q) as the forward returned it.
 
-        def grid_q(meta):
-            return (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)
-
-        _attention_bwd_dq_kernel[grid_q](
-            q, k, v, *ptrs, dout, lse_bwd, delta, dq,
-            *_strides3(q), *_strides3(k), *_strides3(v), *strides, *_strides3(dout),
-            H, Tq, Tk, H // Hkv, *scalars, **consts, **_meta(),
-        )  # fmt: skip
-    return dq, dk, dv
+    Returns (dq (total_q, H, D), dk, dv (total_k, Hkv, D)), contiguous, packed as the inputs; dk/dv are summed over
+    the query heads of each GQA group.
+    """
+    _check_qkv(q, k, v, varlen=True)
+    _check_cu(q, cu_q, cu_k, max_q, max_k)
+    (total_q, H, D), (total_k, Hkv) = q.shape, k.shape[:2]
+    nseq = cu_q.numel() - 1
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    for name, t, shape in (("dout", dout, q.shape), ("out", out, q.shape), ("lse", lse, (H, total_q))):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"attention_varlen: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    dq = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((total_k, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((total_k, Hkv, D), dtype=v.dtype, device=v.device)
+    if H == 0:
+        return dq, dk, dv
+    if total_q == 0 or total_k == 0:  # no (query, key) pair: the gradients are zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dout, q, k, v, out = (unit_last_stride(t) for t in (dout, q, k, v, out))
+    common = _common(q, k, None, _varlen_alibi(alibi, nseq, H), window_left, window_right, bottom_right, scale,
+                     softcap, dropout_p, seed, (nseq, max_q, max_k))
+    return _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, common, scale, (nseq, H, Hkv, max_q, max_k),
+                (1, total_q), _packed)
 
 # A split should hold at least this many keys: below it the partial writes and the merge cost more than the
 # parallelism gains. A guess, not an H200 measurement.
