@@ -4,7 +4,8 @@
     python -m gptkernels generate --ckpt runs/<run> --prompt "ROMEO:" --temperature 0.8 --top-k 40
     python -m gptkernels generate --hf ./gpt2 --prompt-ids 464,3290 --temperature 0      # greedy
 
-Weights: --model PRESET (random init from --seed), --hf PATH (a local Hugging Face GPT-2 folder), or --ckpt PATH
+Weights: --model PRESET (random init from --seed), --hf PATH (a local Hugging Face GPT-2, GPT-1 or GPT-Neo
+folder), or --ckpt PATH
 (the ckpt.pt that python -m gptkernels train writes, or its run folder; any torch.save dict with the state_dict
 under "model" and GPTConfig.to_dict() under "config" works). Text: with a byte-level vocab (256) the prompt is the
 UTF-8 bytes of --prompt and the output is decoded with errors="replace". Other vocabularies take token ids
@@ -163,7 +164,9 @@ def decode_tokens(ids, vocab_size, tokenizer=None) -> str:
 def add_arguments(parser: argparse.ArgumentParser):
     src = parser.add_argument_group("weights (one of)")
     src.add_argument("--model", default="tiny", help="preset with random weights (default tiny)")
-    src.add_argument("--hf", default=None, metavar="PATH", help="a local Hugging Face GPT-2 folder (no download)")
+    src.add_argument("--hf", default=None, metavar="PATH",
+                     help="a local Hugging Face GPT-2, GPT-1 (openai-gpt) or GPT-Neo "
+                     "folder (no download)")
     src.add_argument("--ckpt", default=None, metavar="PATH", help="a checkpoint written by python -m gptkernels "
                      "train: its ckpt.pt or the run folder")
     parser.add_argument("--prompt", default=None, help="prompt text (byte-level vocab, or an --hf tokenizer)")

@@ -299,7 +299,8 @@ def profile(model="gpt2", batch=1, prompt_len=128, new_tokens=128, providers=PRO
             block_size=None, json_path=None, threads=None, argv=None, log=None) -> dict:
     """Profile greedy generation for each provider; returns the result dict (also written to json_path).
 
-    model: a preset name or a GPTConfig (random weights), unless hf names a local Hugging Face GPT-2 folder.
+    model: a preset name or a GPTConfig (random weights), unless hf names a local Hugging Face GPT-2 / GPT-1 /
+        GPT-Neo folder.
     providers: any of "eager", "gptkernels", "compile"; cuda_graphs adds a "<provider>+graphs" row for each.
     trace: a path for a torch.profiler Chrome/Perfetto trace of one prefill and a few decode steps of
         trace_provider (default: gptkernels if profiled, else the first provider).
@@ -538,7 +539,9 @@ def format_table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default="gpt2", help="preset for random weights (default gpt2); see GPTConfig")
-    parser.add_argument("--hf", default=None, metavar="PATH", help="a local Hugging Face GPT-2 folder (no download)")
+    parser.add_argument("--hf", default=None, metavar="PATH",
+                     help="a local Hugging Face GPT-2, GPT-1 (openai-gpt) or GPT-Neo "
+                     "folder (no download)")
     parser.add_argument("--block-size", type=int, default=None,
                         help="override the preset's block_size (random weights), to fit prompt + new tokens")
     parser.add_argument("--batch", type=int, default=1)

@@ -318,6 +318,10 @@ def test_attention_auto_order_puts_triton_first_on_hopper(monkeypatch):
     monkeypatch.setattr(A, "_capability", lambda device: (8, 0))
     assert A._auto_order(dev) == (None, None)
     assert A._auto_order(torch.device("cpu")) == (None, None)
+    # Packed sequences on any GPU: Triton's kernels read cu_seqlens; the CUDA path pads to max_seqlen.
+    order, why_varlen = A._auto_order(dev, varlen=True)
+    assert order == ("triton", "cuda", "torch") and "cu_seqlens" in why_varlen
+    assert A._auto_order(torch.device("cpu"), varlen=True) == (None, None)
     # The reason reaches explain(): select() formats the order and why into its note.
     monkeypatch.setattr(_dispatch, "backend_reason", lambda b, d: None)
     _dispatch.select("scaled_dot_product_attention", dev, None, None, order=("triton", "cuda", "torch"),

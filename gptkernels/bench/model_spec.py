@@ -3,7 +3,8 @@
 The model's parameters are the op's inputs, so every provider (eager = ``GPT(config, backend="torch")``,
 ``compile`` of it, and ``GPT(config, backend=b)`` per kernel backend) runs the same weights through
 ``torch.func.functional_call``, and the harness checks logits and every parameter gradient against the model in
-fp64 before timing. Shape (B, T): tokens per step; FLOPs from ``GPT.flops_per_token`` (6N + 12·L·C·T, fwd 1/3).
+fp64 before timing. Shape (B, T): tokens per step; FLOPs from ``GPT.flops_per_token`` (6N + 12·L·C·T, fwd 1/3;
+T capped at the window on banded layers).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def bench_spec(name: str) -> OpSpec:
         f"fwd and every parameter gradient", module="gptkernels.model", shape=shape, make_inputs=make_inputs,
         grad_inputs=tuple(_key(n) for n in names), ref=eager, eager=eager, kernel=lambda b: _fn(name, b),
         flops={"fwd": flops(1 / 3), "bwd": flops(2 / 3)},
-        formula={"fwd": "(6N + 12*L*C*T) * B*T / 3", "bwd": "(6N + 12*L*C*T) * B*T * 2/3"},
+        formula={"fwd": "(6N + 12*L*C*T') * B*T / 3", "bwd": "(6N + 12*L*C*T') * B*T * 2/3"},  # T' = min(T, window)
         default_on=(),
     )
 

@@ -223,8 +223,14 @@ _HOPPER_ORDER = ("triton", "cuda", "torch")
 _HOPPER_WHY = "sm_90+: Triton's wgmma kernels before the WMMA CUDA kernels until measured"
 
 
-def _auto_order(device):
+_VARLEN_ORDER = ("triton", "cuda", "torch")
+_VARLEN_WHY = "varlen: the Triton kernels read cu_seqlens, the CUDA kernels pad every sequence to max_seqlen"
+
+
+def _auto_order(device, varlen=False):
     """(order, why) of the automatic choice for attention on ``device``, or (None, None) for the default."""
+    if device.type == "cuda" and varlen:
+        return _VARLEN_ORDER, _VARLEN_WHY
     if device.type == "cuda" and _capability(device)[0] >= 9:
         return _HOPPER_ORDER, _HOPPER_WHY
     return None, None
@@ -867,7 +873,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     alibi = _fa_alibi(fn, alibi_slopes, nseq, H, q.device)
     scale = 1.0 / math.sqrt(E) if softmax_scale is None else float(softmax_scale)
     mq, mk = int(max_seqlen_q), int(max_seqlen_k)
-    order, why = _auto_order(q.device)
+    order, why = _auto_order(q.device, varlen=True)
     be = _dispatch.select(fn, q.device, backend, _supports(q.dtype, E, q.device, Ev), key=(q.dtype, E, Ev),
                           order=order, order_why=why)
     if be == "triton":
