@@ -197,6 +197,18 @@ def test_linear_cross_entropy_noncontiguous_3d_and_partial_grads(bd, monkeypatch
         assert_close(g, g64, name="partial grad")
 
 
+@pytest.mark.parametrize("bd", [p for p in backend_params() if p.id != "torch"])  # torch: eager autograd
+def test_linear_second_backward_fails_loudly(bd):
+    """mean/sum scale the saved dh, dW in place in backward: a retained graph must not scale them twice."""
+    backend, device = bd
+    h = torch.randn(6, 4, device=device, requires_grad=True)
+    w = torch.randn(10, 4, device=device, requires_grad=True)
+    loss = linear_cross_entropy(h, w, _targets((6,), 10).to(device), backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("bd", backend_params())
 def test_noncontiguous_logits_and_stride0_grads(bd):
     backend, device = bd

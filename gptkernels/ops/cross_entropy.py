@@ -29,7 +29,9 @@ What backward saves:
         computes the chunk's loss rows AND overwrites the buffer with dlogits_c, then dh_c = dlogits_c @ W and
         dW += dlogits_c^T @ h_c, db += sum_rows dlogits_c (fp32 accumulators, a fixed chunk order: deterministic, no
         atomics). It saves dh (h's dtype), dW and db (the parameters' dtypes, accumulated in fp32) for a gradient of
-        1; the backward scales them by the incoming gradient (divided by the count of counted rows for "mean").
+        1; the backward scales them in place by the incoming gradient (divided by the count of counted rows for
+        "mean"), so a second backward through the same graph (retain_graph=True) fails autograd's saved-tensor
+        version check rather than scaling twice.
         Peak extra memory: one chunk (rows * V elements, _CHUNK_BYTES) plus dh and the fp32 dW, never O(N * V).
         reduction "none": the per-token gradient is unknown at forward time; the forward computes the loss rows
         chunk by chunk and saves h, W, b and target, and the backward recomputes each chunk's logits.
@@ -304,7 +306,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if ctx.reduction == "mean":
                 # every row ignored: the saved gradients are exact zeros, and stay zeros rather than 0 * inf
                 scale = scale / ctx.count.clamp_min(1)
-            dh, dw, db = (t * scale if t.numel() else t for t in (dh, dw, db))
+            # Scaled in place: a copy would hold a second (V, C) dW at the peak (+154 MB at GPT-2's head in fp32).
+            # A second backward through the same graph (retain_graph=True) then fails autograd's version check on
+            # unpacking them, instead of scaling twice.
+            for t in (dh, dw, db):
+                t.mul_(scale)
         return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None,
                 None, None, None, None, None, None, None)
 
