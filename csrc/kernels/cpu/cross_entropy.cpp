@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
+#include <type_traits>
 
 #include "dtype.h"
 #include "isa.h"
@@ -42,30 +42,34 @@ GK_CE_INLINE float z_of(float x, float cap, float inv_cap, float* t) {
   }
 }
 
-// max_j z_j over n columns; a NaN z is skipped here (the sum below catches it), -inf for an all -inf block.
+// z_j of n columns into buf (fp32). Only for 16-bit logits or a softcap: GCC 12 leaves the max and sum reductions
+// below scalar when they read 16-bit elements (the plain conversion loop vectorizes), and the softcap's tanh is then
+// computed once per element instead of once per pass.
 template <typename T, bool CAP>
-GPTKERNELS_ISA_CLONES float block_max(const T* __restrict x, int64_t n, float cap, float inv_cap) {
-  float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
+GPTKERNELS_ISA_CLONES void stage_z(const T* __restrict x, int64_t n, float cap, float inv_cap, float* __restrict buf) {
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float t;
-    const float z = z_of<CAP>(load_f32(x[j]), cap, inv_cap, &t);
-    mx = z > mx ? z : mx;
+    buf[j] = z_of<CAP>(load_f32(x[j]), cap, inv_cap, &t);
   }
+}
+
+// max_j z_j over n columns; a NaN z is skipped here (the sum below catches it), -inf for an all -inf block.
+GPTKERNELS_ISA_CLONES float block_max(const float* __restrict z, int64_t n) {
+  float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = z[j] > mx ? z[j] : mx;
   return mx;
 }
 
 // sum_j exp(z_j - m) over n columns (m >= every z_j), and sum_j z_j into *zsum when SUMZ (label smoothing).
-template <typename T, bool CAP, bool SUMZ>
-GPTKERNELS_ISA_CLONES float block_exp_sum(const T* __restrict x, int64_t n, float cap, float inv_cap, float m,
-                                          float* zsum) {
+template <bool SUMZ>
+GPTKERNELS_ISA_CLONES float block_exp_sum(const float* __restrict z, int64_t n, float m, float* zsum) {
   float s = 0.f, zs = 0.f;
 #pragma omp simd reduction(+ : s, zs)
   for (int64_t j = 0; j < n; ++j) {
-    float t;
-    const float z = z_of<CAP>(load_f32(x[j]), cap, inv_cap, &t);
-    s += vmath::exp_nonpos(z - m);
-    if constexpr (SUMZ) zs += z;
+    s += vmath::exp_nonpos(z[j] - m);
+    if constexpr (SUMZ) zs += z[j];
   }
   if constexpr (SUMZ) *zsum += zs;
   return s;
@@ -76,19 +80,29 @@ struct RowStats {
   float zsum;  // sum_j z_j when label smoothing needs it, else 0
 };
 
-// lse = log sum_j exp(z_j) of one row, in one pass over memory (blocks of kBlock, online max and rescaled sum).
+// lse = log sum_j exp(z_j) of one row, in one pass over memory: blocks of kBlock columns (L1-resident: fp32 logits
+// are read in place, others staged as fp32 z), an online max and a sum rescaled by exp(m_old - m_new) when it grows.
 // All -inf: lse = -inf. A NaN z, or a +inf one (inf - inf), makes the sum and so lse NaN.
 template <typename T, bool CAP, bool SUMZ>
 RowStats row_stats(const T* x, int64_t V, float cap, float inv_cap) {
+  constexpr bool kDirect = std::is_same<T, float>::value && !CAP;
+  float buf[kDirect ? 1 : kBlock];
   float m = kNegInf, s = 0.f, zs = 0.f;
   for (int64_t b = 0; b < V; b += kBlock) {
     const int64_t n = std::min(kBlock, V - b);
-    const float bm = block_max<T, CAP>(x + b, n, cap, inv_cap);
+    const float* z;
+    if constexpr (kDirect) {
+      z = x + b;
+    } else {
+      stage_z<T, CAP>(x + b, n, cap, inv_cap, buf);
+      z = buf;
+    }
+    const float bm = block_max(z, n);
     if (bm > m) {
       s *= vmath::exp_nonpos(m - bm);  // m = -inf: s is 0 and stays 0
       m = bm;
     }
-    s += block_exp_sum<T, CAP, SUMZ>(x + b, n, cap, inv_cap, m == kNegInf ? 0.f : m, &zs);
+    s += block_exp_sum<SUMZ>(z, n, m == kNegInf ? 0.f : m, &zs);
   }
   return {(m == kNegInf ? 0.f : m) + std::log(s), zs};
 }
