@@ -17,7 +17,7 @@ Peak extra memory: each provider in a fresh subprocess: resource.getrusage ru_ma
 and written and the high-water mark is reset to the current RSS (/proc/self/clear_refs) (the baseline), and after
 one fwd+bwd call; the difference is what the call added at its peak (outputs
 and gradients included: dlogits (N, V) for cross_entropy, dh and dw for linear_cross_entropy, alike for both
-providers).
+providers). VmHWM (/proc/self/status, the same mark without the exited threads' share) is recorded next to it.
 Formulas: cross_entropy moves at least 3*N*V*4 bytes (read the logits in the forward and again in the backward,
 write dlogits); linear_cross_entropy does 3 GEMMs of 2*N*V*C flops (logits, dh, dw). Ceilings measured in the same
 run, at one thread: a 256 MB copy (GB/s, read + write) and a 2048^3 fp32 matmul (GFLOP/s), from their p20.
@@ -104,24 +104,33 @@ def ceilings(reps=7):
     return {"copy_gbps": 2 * src.numel() * 4 / copy_s / 1e9, "matmul_gflops": 2 * 2048**3 / mm_s / 1e9}
 
 
+def _vm_hwm_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
 def measure_memory(op, provider, n, v, c):
-    """Peak extra MB of one fwd+bwd of `provider`, measured in this (fresh) process."""
+    """(ru_maxrss, VmHWM) peak extra MB of one fwd+bwd of `provider`, measured in this (fresh) process."""
     inp = make_inputs(op, n, v, c)
     # The high-water mark may stand above today's RSS since the imports; writing 5 to clear_refs (Linux >= 4.0)
     # resets it to the current RSS, so the step's own peak shows.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base, base_hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _vm_hwm_kib()
     grads = step_fn(op, provider, inp)()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak, peak_hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _vm_hwm_kib()
     del grads
-    return (peak - base) / 1024.0  # ru_maxrss is in KiB on Linux
+    return (peak - base) / 1024.0, (peak_hwm - base_hwm) / 1024.0  # both in KiB on Linux
 
 
 def memory_in_subprocess(op, provider, n, v, c):
     cmd = [sys.executable, __file__, "--memory", op, provider, str(n), str(v), str(c)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return float(out.stdout.strip().splitlines()[-1])
+    ru, hwm = (float(s) for s in out.stdout.strip().splitlines()[-1].split())
+    return ru, hwm
 
 
 def git_sha():
@@ -156,7 +165,7 @@ def main():
     torch.set_num_threads(1)
     if args.memory:
         op, provider, n, v, c = args.memory
-        print(measure_memory(op, provider, int(n), int(v), int(c)))
+        print(*measure_memory(op, provider, int(n), int(v), int(c)))
         return
 
     load_start = os.getloadavg()
@@ -177,7 +186,8 @@ def main():
                 for p in PROVIDERS:
                     times[p].append(benchmark.Timer("f()", globals={"f": fns[p]}).timeit(1).times[0])
             del inp, fns
-            mem = {p: memory_in_subprocess(op, p, n, v, c) for p in PROVIDERS}
+            mems = {p: memory_in_subprocess(op, p, n, v, c) for p in PROVIDERS}
+            mem = {p: m[0] for p, m in mems.items()}
             p50_eager = quantiles(times["eager"])[1]
             for p in PROVIDERS:
                 q = quantiles(times[p])
@@ -186,6 +196,7 @@ def main():
                        "ms_p20": round(q[0] * 1e3, 2), "ms_p50": round(q[1] * 1e3, 2), "ms_p80": round(q[2] * 1e3, 2),
                        "speedup_vs_eager": round(p50_eager / q[1], 3), "peak_mem_mb": round(mem[p], 1),
                        "peak_mem_vs_eager": round(mem[p] / mem["eager"], 4) if mem["eager"] > 0 else None,
+                       "peak_mem_mb_vmhwm": round(mems[p][1], 1),
                        "samples": len(times[p])}
                 if op == "cross_entropy":
                     row["gbps"] = round(3 * n * v * 4 / q[1] / 1e9, 2)

@@ -1,15 +1,20 @@
 // Torch-facing cross-entropy ops: checks, allocation, and the call into the CPU or CUDA kernel. Registered as
 // gptkernels::cross_entropy_fwd / cross_entropy_bwd / cross_entropy_fwd_bwd for the CPU and CUDA dispatch keys; their
 // fake implementations, the reductions and linear_cross_entropy's chunk loop live in gptkernels/ops/cross_entropy.py.
+// cross_entropy_eager (eager.h) is the public op's eager fast path: checks, autograd and reduction in one C++ call.
 #include "../kernels/cpu/cross_entropy.h"
 
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "common.h"
+#include "eager.h"
 #ifdef GPTKERNELS_WITH_CUDA
 #include "../kernels/cuda/cross_entropy.cuh"
 #endif
@@ -148,6 +153,65 @@ at::Tensor cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& logits_,
                           dloss.data_ptr<float>(), dloss.stride(0), dx.data_ptr(), N, V, spec);
   }
   return dx;
+}
+
+namespace {
+
+// Autograd of the eager entry: (N, V) logits, (N,) target -> (N,) fp32 per-row losses; saves the logits (by
+// reference), the target and lse, as CrossEntropyFunction in gptkernels/ops/cross_entropy.py.
+struct CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                                                const at::Tensor& target, int64_t ignore_index, double label_smoothing,
+                                                double z_loss, double softcap) {
+    auto [loss, lse] = cross_entropy_fwd(logits, target, ignore_index, label_smoothing, z_loss, softcap);
+    ctx->save_for_backward({logits, target, lse});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["softcap"] = softcap;
+    return {loss};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor dx = cross_entropy_bwd(grads[0].to(at::kFloat), saved[0], saved[1], saved[2],
+                                      ctx->saved_data["ignore_index"].toInt(),
+                                      ctx->saved_data["label_smoothing"].toDouble(),
+                                      ctx->saved_data["z_loss"].toDouble(), ctx->saved_data["softcap"].toDouble());
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+EagerOut cross_entropy_eager(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                             const std::string& reduction, double label_smoothing, double z_loss,
+                             std::optional<double> softcap) {
+  // What the Python checks cover beyond the glue's goes to that path, which raises its documented errors.
+  if (!eager_plain(logits) || !eager_plain(target) || !eager_no_modes()) return std::nullopt;
+  const int red = reduction == "mean" ? 0 : reduction == "sum" ? 1 : reduction == "none" ? 2 : -1;
+  if (red < 0 || logits.dim() < 1 || !logits.is_floating_point() || target.scalar_type() != at::kLong ||
+      target.device() != logits.device())
+    return std::nullopt;
+  const int64_t V = logits.size(-1);
+  if (V < 1 || target.sizes() != logits.sizes().slice(0, logits.dim() - 1)) return std::nullopt;
+  if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0) || !(z_loss >= 0.0 && std::isfinite(z_loss)))
+    return std::nullopt;
+  if (softcap && !(*softcap > 0.0 && std::isfinite(*softcap))) return std::nullopt;
+  const double cap = softcap ? *softcap : 0.0;
+  const at::Tensor x = logits.reshape({-1, V}), t = target.reshape({-1});
+  at::Tensor rows;
+  if (at::GradMode::is_enabled() && logits.requires_grad()) {
+    rows = CrossEntropyFn::apply(x, t, ignore_index, label_smoothing, z_loss, cap)[0];
+  } else {
+    rows = std::get<0>(cross_entropy_fwd(x, t, ignore_index, label_smoothing, z_loss, cap));
+  }
+  // The reduction as the Python path's _reduce: mean divides by the count of counted rows (0 / 0 = NaN).
+  if (red == 2) return std::vector<at::Tensor>{rows.to(logits.scalar_type()).view(target.sizes())};
+  at::Tensor total = rows.sum();
+  if (red == 0) total = total / t.ne(ignore_index).sum();
+  return std::vector<at::Tensor>{total.to(logits.scalar_type())};
 }
 
 TORCH_LIBRARY_FRAGMENT(gptkernels, m) {

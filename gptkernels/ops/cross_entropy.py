@@ -54,6 +54,8 @@ from gptkernels.ops import _common
 
 _Err, _TypeErr = _dispatch.ArgumentError, _dispatch.ArgumentTypeError
 _REDUCTIONS = ("mean", "sum", "none")
+_EAGER = _common.EAGER_BACKENDS
+_is_tensor = torch.is_tensor
 _LOW = (torch.float16, torch.bfloat16)
 
 # linear_cross_entropy's chunk: rows = _CHUNK_BYTES // (V * element size) tokens per GEMM + kernel step (at least 1).
@@ -388,6 +390,16 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
         The loss in logits.dtype (computed in fp32): 0-d for "mean"/"sum", target's shape for "none". Backward saves
         the logits (by reference) and lse (N,) fp32, and recomputes the softmax in one pass.
     """
+    plain_args = type(ignore_index) is int and type(label_smoothing) is float and type(z_loss) is float
+    if plain_args and (softcap is None or type(softcap) is float) and not _common.is_compiling():
+        # Eager fast path: the cached backend decision, then the C++ entry (checks, autograd, kernel, reduction) in
+        # one call. None (or an error) sends the call down the checked path below.
+        rec = _dispatch.choice("cross_entropy", logits.device, backend, logits.dtype) if _is_tensor(logits) else None
+        if rec is not None and rec[0] in _EAGER and hasattr(_common.C, "cross_entropy"):
+            out = _common.eager_call(_common.C.cross_entropy, logits, target, ignore_index, reduction,
+                                     label_smoothing, z_loss, softcap)
+            if out is not None:
+                return out
     fn = "cross_entropy"
     _check_float(fn, "logits", logits)
     _check_common(fn, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
