@@ -209,6 +209,24 @@ def test_linear_second_backward_fails_loudly(bd):
         loss.backward()
 
 
+@pytest.mark.parametrize("bd", [p for p in backend_params() if p.id != "torch"])
+def test_linear_under_autocast_runs_in_h_dtype(bd):
+    """An enclosing autocast does not reach the chunk GEMMs: fp32 h and weight give the fp32 result."""
+    backend, device = bd
+    h = torch.randn(9, 16, device=device, requires_grad=True)
+    w = torch.randn(40, 16, device=device, requires_grad=True)
+    t = _targets((9,), 40, 0.2).to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out = linear_cross_entropy(h, w, t, backend=backend)
+    gh, gw = torch.autograd.grad(out, [h, w])
+    h64, w64 = (a.detach().double().cpu().requires_grad_() for a in (h, w))
+    ref = linear_cross_entropy_ref(h64, w64, t.cpu())
+    rh, rw = torch.autograd.grad(ref, [h64, w64])
+    assert out.dtype == torch.float32
+    for name, a, r in (("loss", out, ref), ("dh", gh, rh), ("dweight", gw, rw)):
+        assert_close(a, r, name=name)
+
+
 @pytest.mark.parametrize("bd", backend_params())
 def test_noncontiguous_logits_and_stride0_grads(bd):
     backend, device = bd

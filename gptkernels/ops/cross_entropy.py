@@ -174,28 +174,31 @@ def _lce_chunks(h, weight, bias, target, dloss, ignore_index, label_smoothing, z
     # for 16-bit inputs); it is added into the fp32 accumulator from this reused buffer.
     dw_c = torch.empty((v, c), dtype=dt, device=dev) if need_dw and dt != torch.float32 else None
     wt = weight.t()
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        hc, tc = h[r0:r1], target[r0:r1]
-        lc = buf[: r1 - r0]
-        if bias is None:
-            torch.mm(hc, wt, out=lc)
-        else:
-            torch.addmm(bias, hc, wt, out=lc)
-        if not want_grad:
-            loss[r0:r1] = fwd(lc, tc, ignore_index, label_smoothing, z_loss, softcap)[0]
-            continue
-        dl = dloss[r0:r1] if dloss is not None else None
-        loss[r0:r1] = fwd_bwd(lc, tc, dl, ignore_index, label_smoothing, z_loss, softcap)  # lc is dlogits now
-        if need_dh:
-            torch.mm(lc, weight, out=dh[r0:r1])
-        if need_dw:
-            if dw_c is None:
-                dw.addmm_(lc.t(), hc)
+    # The GEMMs run in h's dtype: under an enclosing autocast torch.mm would switch to 16 bits and no longer match the
+    # buffers' dtype (pass 16-bit h and weight for 16-bit GEMMs).
+    with torch.autocast(dev.type, enabled=False):
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            hc, tc = h[r0:r1], target[r0:r1]
+            lc = buf[: r1 - r0]
+            if bias is None:
+                torch.mm(hc, wt, out=lc)
             else:
-                dw.add_(torch.mm(lc.t(), hc, out=dw_c))
-        if need_db:
-            db.add_(lc.sum(0, dtype=torch.float32))
+                torch.addmm(bias, hc, wt, out=lc)
+            if not want_grad:
+                loss[r0:r1] = fwd(lc, tc, ignore_index, label_smoothing, z_loss, softcap)[0]
+                continue
+            dl = dloss[r0:r1] if dloss is not None else None
+            loss[r0:r1] = fwd_bwd(lc, tc, dl, ignore_index, label_smoothing, z_loss, softcap)  # lc is dlogits now
+            if need_dh:
+                torch.mm(lc, weight, out=dh[r0:r1])
+            if need_dw:
+                if dw_c is None:
+                    dw.addmm_(lc.t(), hc)
+                else:
+                    dw.add_(torch.mm(lc.t(), hc, out=dw_c))
+            if need_db:
+                db.add_(lc.sum(0, dtype=torch.float32))
     dw = dw.to(weight.dtype) if need_dw else dw
     db = db.to(bias.dtype) if need_db else db
     return loss, dh, dw, db
