@@ -13,11 +13,13 @@ Problems (fp32, one thread: torch.set_num_threads(1) and OMP_NUM_THREADS=1 for t
 Timing: torch.utils.benchmark.Timer, one fwd+bwd call per sample (the gradients of the inputs are cleared by
 autograd.grad, which returns them instead of accumulating); one warm-up call per provider, then `reps` rounds in which
 the providers alternate, so a change in machine load hits both alike. p20/p50/p80 over the rounds.
-Peak extra memory: each provider in a fresh subprocess: resource.getrusage ru_maxrss after the inputs are allocated
-and written and the high-water mark is reset to the current RSS (/proc/self/clear_refs) (the baseline), and after
-one fwd+bwd call; the difference is what the call added at its peak (outputs
-and gradients included: dlogits (N, V) for cross_entropy, dh and dw for linear_cross_entropy, alike for both
-providers). VmHWM (/proc/self/status, the same mark without the exited threads' share) is recorded next to it.
+Peak extra memory: each provider in a fresh subprocess: the high-water mark of its RSS is reset to the current RSS
+(/proc/self/clear_refs) once the inputs are allocated and written, and VmHWM (/proc/self/status) after one fwd+bwd
+call minus VmHWM before it is what the call added at its peak (outputs and gradients included: dlogits (N, V) for
+cross_entropy, dh and dw for linear_cross_entropy, alike for both providers). resource.getrusage's ru_maxrss is
+recorded too (peak_mem_mb_ru_maxrss), but in a child started by fork + exec it also holds the parent's pre-exec
+high-water mark (the kernel's signal->maxrss, which clear_refs does not reset): with the timing process holding
+gigabytes of inputs it read 0 MB extra for every provider, so VmHWM is the number used.
 Formulas: cross_entropy moves at least 3*N*V*4 bytes (read the logits in the forward and again in the backward,
 write dlogits); linear_cross_entropy does 3 GEMMs of 2*N*V*C flops (logits, dh, dw). Ceilings measured in the same
 run, at one thread: a 256 MB copy (GB/s, read + write) and a 2048^3 fp32 matmul (GFLOP/s), from their p20.

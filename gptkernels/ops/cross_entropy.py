@@ -28,18 +28,21 @@ What backward saves:
         chunks: logits_c = h_c @ W^T (+ b) by ATen's GEMM into one reused (rows, V) buffer, then the fused kernel
         computes the chunk's loss rows AND overwrites the buffer with dlogits_c, then dh_c = dlogits_c @ W and
         dW += dlogits_c^T @ h_c, db += sum_rows dlogits_c (fp32 accumulators, a fixed chunk order: deterministic, no
-        atomics). It saves dh (h's dtype), dW and db (the parameters' dtypes, accumulated in fp32) for a gradient of
-        1; the backward scales them in place by the incoming gradient (divided by the count of counted rows for
-        "mean"), so a second backward through the same graph (retain_graph=True) fails autograd's saved-tensor
-        version check rather than scaling twice.
+        atomics; a 16-bit chunk's dW leaves its GEMM in 16 bits and is summed in fp32). It saves dh (h's dtype), dW
+        and db (the parameters' dtypes) for a gradient of 1; the backward scales them in place by the incoming
+        gradient (divided by the count of counted rows for "mean"), so a second backward through the same graph
+        (retain_graph=True) fails autograd's saved-tensor version check rather than scaling twice.
         Peak extra memory: one chunk (rows * V elements, _CHUNK_BYTES) plus dh and the fp32 dW, never O(N * V).
         reduction "none": the per-token gradient is unknown at forward time; the forward computes the loss rows
-        chunk by chunk and saves h, W, b and target, and the backward recomputes each chunk's logits.
+        chunk by chunk and saves h, W, b and target, and the backward recomputes each chunk's logits (4 GEMMs in
+        all instead of 3).
     Under no_grad (or when nothing requires grad) only the loss is computed.
 
 Backends: cuda (CUDA C++), triton, cpu (C++/OpenMP), torch (the eager references below, autograd by PyTorch). The
-GEMMs of linear_cross_entropy are ATen's on every backend (MKL/oneDNN on CPU, cuBLAS on CUDA); the backends differ in
-the fused cross-entropy kernel. See gptkernels._dispatch.
+GEMMs of linear_cross_entropy are ATen's on every backend (MKL/oneDNN on CPU, cuBLAS on CUDA), with autocast off
+(they run in h's dtype); the backends differ in the fused cross-entropy kernel. In eager mode cross_entropy on the
+cpu and cuda backends goes through one C++ entry (gptkernels._C.cross_entropy: checks, autograd, kernel and
+reduction). See gptkernels._dispatch.
 """
 
 from __future__ import annotations
