@@ -157,29 +157,45 @@ at::Tensor cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& logits_,
 
 namespace {
 
-// Autograd of the eager entry: (N, V) logits, (N,) target -> (N,) fp32 per-row losses; saves the logits (by
-// reference), the target and lse, as CrossEntropyFunction in gptkernels/ops/cross_entropy.py.
+enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
+
+// Autograd of the eager entry, as CrossEntropyFunction in gptkernels/ops/cross_entropy.py: (N, V) logits, (N,)
+// target -> the fp32 loss reduced inside the node (the sum, divided by the count of counted rows for mean), or the
+// (N,) rows for none. Saves the logits (by reference), the target and lse.
 struct CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
                                                 const at::Tensor& target, int64_t ignore_index, double label_smoothing,
-                                                double z_loss, double softcap) {
+                                                double z_loss, double softcap, int64_t reduction) {
     auto [loss, lse] = cross_entropy_fwd(logits, target, ignore_index, label_smoothing, z_loss, softcap);
     ctx->save_for_backward({logits, target, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["z_loss"] = z_loss;
     ctx->saved_data["softcap"] = softcap;
-    return {loss};
+    ctx->saved_data["reduction"] = reduction;
+    if (reduction == kNone) return {loss};
+    at::Tensor total = loss.sum();
+    if (reduction == kMean) {
+      at::Tensor count = target.ne(ignore_index).sum();
+      ctx->saved_data["count"] = count;
+      total = total / count;  // 0 / 0 = NaN when every target is ignored, as PyTorch
+    }
+    return {total};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    at::Tensor dx = cross_entropy_bwd(grads[0].to(at::kFloat), saved[0], saved[1], saved[2],
-                                      ctx->saved_data["ignore_index"].toInt(),
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    at::Tensor dloss = grads[0].to(at::kFloat);
+    if (reduction != kNone) {  // the same gradient for every row, read through stride 0
+      if (reduction == kMean) dloss = dloss / ctx->saved_data["count"].toTensor();
+      dloss = dloss.expand({saved[0].size(0)});
+    }
+    at::Tensor dx = cross_entropy_bwd(dloss, saved[0], saved[1], saved[2], ctx->saved_data["ignore_index"].toInt(),
                                       ctx->saved_data["label_smoothing"].toDouble(),
                                       ctx->saved_data["z_loss"].toDouble(), ctx->saved_data["softcap"].toDouble());
-    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -190,7 +206,7 @@ EagerOut cross_entropy_eager(const at::Tensor& logits, const at::Tensor& target,
                              std::optional<double> softcap) {
   // What the Python checks cover beyond the glue's goes to that path, which raises its documented errors.
   if (!eager_plain(logits) || !eager_plain(target) || !eager_no_modes()) return std::nullopt;
-  const int red = reduction == "mean" ? 0 : reduction == "sum" ? 1 : reduction == "none" ? 2 : -1;
+  const int64_t red = reduction == "mean" ? kMean : reduction == "sum" ? kSum : reduction == "none" ? kNone : -1;
   if (red < 0 || logits.dim() < 1 || !logits.is_floating_point() || target.scalar_type() != at::kLong ||
       target.device() != logits.device())
     return std::nullopt;
@@ -201,17 +217,19 @@ EagerOut cross_entropy_eager(const at::Tensor& logits, const at::Tensor& target,
   if (softcap && !(*softcap > 0.0 && std::isfinite(*softcap))) return std::nullopt;
   const double cap = softcap ? *softcap : 0.0;
   const at::Tensor x = logits.reshape({-1, V}), t = target.reshape({-1});
-  at::Tensor rows;
+  at::Tensor out;
   if (at::GradMode::is_enabled() && logits.requires_grad()) {
-    rows = CrossEntropyFn::apply(x, t, ignore_index, label_smoothing, z_loss, cap)[0];
+    out = CrossEntropyFn::apply(x, t, ignore_index, label_smoothing, z_loss, cap, red)[0];
   } else {
-    rows = std::get<0>(cross_entropy_fwd(x, t, ignore_index, label_smoothing, z_loss, cap));
+    // No autograd: the same arithmetic as the node's forward.
+    out = std::get<0>(cross_entropy_fwd(x, t, ignore_index, label_smoothing, z_loss, cap));
+    if (red != kNone) {
+      at::Tensor total = out.sum();
+      out = red == kMean ? total / t.ne(ignore_index).sum() : total;
+    }
   }
-  // The reduction as the Python path's _reduce: mean divides by the count of counted rows (0 / 0 = NaN).
-  if (red == 2) return std::vector<at::Tensor>{rows.to(logits.scalar_type()).view(target.sizes())};
-  at::Tensor total = rows.sum();
-  if (red == 0) total = total / t.ne(ignore_index).sum();
-  return std::vector<at::Tensor>{total.to(logits.scalar_type())};
+  if (red == kNone) return std::vector<at::Tensor>{out.to(logits.scalar_type()).view(target.sizes())};
+  return std::vector<at::Tensor>{out.to(logits.scalar_type())};
 }
 
 TORCH_LIBRARY_FRAGMENT(gptkernels, m) {

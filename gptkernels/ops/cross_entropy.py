@@ -256,24 +256,43 @@ _register_lce("triton")
 
 
 # ----------------------------------------------------------------------------------------------- autograd
+def _reduce_fn(ctx, loss, target, ignore_index, reduction):
+    """The reduction inside the autograd Functions (one graph node for the whole loss): (N,) fp32 rows -> the fp32 sum,
+    divided by the count of counted rows for "mean" (kept on ctx for backward), or the rows themselves for "none"."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "mean":
+        ctx.count = (target != ignore_index).sum()
+        total = total / ctx.count  # 0 / 0 = NaN when every target is ignored, as PyTorch
+    return total
+
+
+def _out(out, reduction, dtype, shape):
+    return out.to(dtype).reshape(shape) if reduction == "none" else out.to(dtype)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
-    """(N, V) logits, (N,) target -> (N,) fp32 per-row losses; the reduction is plain torch outside."""
+    """(N, V) logits, (N,) target -> fp32: the reduced loss, or (N,) for "none"."""
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, softcap, backend):
+    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, softcap, reduction, backend):
         loss, lse = _common.kernel_op("cross_entropy_fwd", backend)(
             logits, target, ignore_index, label_smoothing, z_loss, softcap
         )
         ctx.save_for_backward(logits, target, lse)
         ctx.args = (ignore_index, label_smoothing, z_loss, softcap)
-        ctx.backend = backend
-        return loss
+        ctx.backend, ctx.reduction = backend, reduction
+        return _reduce_fn(ctx, loss, target, ignore_index, reduction)
 
     @staticmethod
-    def backward(ctx, dloss):
+    def backward(ctx, g):
         logits, target, lse = ctx.saved_tensors
-        dx = _common.kernel_op("cross_entropy_bwd", ctx.backend)(dloss.float(), logits, target, lse, *ctx.args)
-        return dx, None, None, None, None, None, None
+        dloss = g.float()
+        if ctx.reduction != "none":  # the same gradient for every row, read through stride 0
+            dloss = (dloss / ctx.count if ctx.reduction == "mean" else dloss).expand(logits.shape[0])
+        dx = _common.kernel_op("cross_entropy_bwd", ctx.backend)(dloss, logits, target, lse, *ctx.args)
+        return dx, None, None, None, None, None, None, None
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -292,14 +311,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             loss, dh, dw, db = fwd(h, weight, bias, target, *args, *need)
             ctx.save_for_backward(dh, dw, db)
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        if reduction == "mean":
-            count = (target != ignore_index).sum()
-            ctx.count = count
-            total = total / count
-        return total
+        return _reduce_fn(ctx, loss, target, ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, g):
@@ -425,9 +437,9 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
             _check_target_range(fn, t1, v, ignore_index)
         return cross_entropy_ref(logits, target, ignore_index, reduction, float(label_smoothing), float(z_loss),
                                  softcap)
-    rows = _run(fn, be, t1, v, ignore_index, CrossEntropyFunction, _common.rows(logits), t1, int(ignore_index),
-                float(label_smoothing), float(z_loss), float(softcap or 0.0), be)
-    return _reduce(rows, t1 != ignore_index, reduction, logits.dtype, target.shape)
+    out = _run(fn, be, t1, v, ignore_index, CrossEntropyFunction, _common.rows(logits), t1, int(ignore_index),
+               float(label_smoothing), float(z_loss), float(softcap or 0.0), reduction, be)
+    return _out(out, reduction, logits.dtype, target.shape)
 
 
 def linear_cross_entropy(h, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
@@ -479,6 +491,4 @@ def linear_cross_entropy(h, weight, target, bias=None, ignore_index=-100, reduct
                                         float(z_loss), softcap)
     out = _run(fn, be, t1, v, ignore_index, LinearCrossEntropyFunction, _common.rows(h), weight, bias, t1,
                int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0), reduction, be)
-    if reduction == "none":
-        return out.to(h.dtype).reshape(target.shape)
-    return out.to(h.dtype)
+    return _out(out, reduction, h.dtype, target.shape)
