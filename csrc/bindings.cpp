@@ -149,6 +149,16 @@ PYBIND11_MODULE(_C, m) {
       },
       "Eager bias + activation: y, or None for the checked Python path.");
   m.def(
+      "cross_entropy",
+      [](const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index, const std::string& reduction,
+         double label_smoothing, double z_loss, std::optional<double> softcap) {
+        return eager_call("gptkernels::cross_entropy", logits.numel(), [&] {
+          return gptkernels::cross_entropy_eager(logits, target, ignore_index, reduction, label_smoothing, z_loss,
+                                                 softcap);
+        });
+      },
+      "Eager cross_entropy: the loss, or None for the checked Python path.");
+  m.def(
       "fused_mlp",
       [](const at::Tensor& x, const at::Tensor& w_fc, const OptT& b_fc, const at::Tensor& w_proj, const OptT& b_proj,
          const std::string& activation, const OptT& residual) {

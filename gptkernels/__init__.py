@@ -9,6 +9,7 @@ from gptkernels.ops.attention import (
     flash_attn_varlen_func,
     scaled_dot_product_attention,
 )
+from gptkernels.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from gptkernels.ops.layernorm import layer_norm, rms_norm
 from gptkernels.ops.mlp import bias_gelu, fused_mlp, swiglu
 from gptkernels.ops.softmax import softmax
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "attention",
     "bias_gelu",
+    "cross_entropy",
     "decode_attention",
     "explain",
     "flash_attn_func",
@@ -32,6 +34,7 @@ __all__ = [
     "info",
     "last",
     "layer_norm",
+    "linear_cross_entropy",
     "patch",
     "rms_norm",
     "scaled_dot_product_attention",

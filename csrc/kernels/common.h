@@ -4,6 +4,13 @@
 
 #include <cstdint>
 
+// Functions that both the CPU and the CUDA kernels call (ce_row_loss below).
+#if defined(__CUDACC__)
+#define GK_HOST_DEVICE __host__ __device__
+#else
+#define GK_HOST_DEVICE
+#endif
+
 namespace gptkernels {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -45,6 +52,33 @@ inline void attn_key_range(const AttnSpec& s, int64_t pos_lo, int64_t pos_hi, in
   int64_t b = s.right < 0 ? Tk : pos_hi + s.right + 1;
   *lo = a < 0 ? 0 : (a > Tk ? Tk : a);
   *hi = b < *lo ? *lo : (b > Tk ? Tk : b);
+}
+
+// The options of one cross-entropy call, as the kernels of every backend read them (csrc/kernels/*/cross_entropy.*).
+// Per row i with target t_i, z = softcap * tanh(x / softcap) when softcap > 0, else z = x (fp32 math):
+//   lse_i  = log sum_j exp(z_ij)
+//   loss_i = (1 - ls) * (lse_i - z_it) + ls * (lse_i - mean_j z_ij) + z_loss * lse_i^2     (ls = label_smoothing;
+//            with ls == 0 exactly: lse_i - z_it + z_loss * lse_i^2, as PyTorch, whose smoothing term is then absent)
+//   dloss_i/dx_ij = (p_ij * (1 + 2 z_loss lse_i) - ls / V - (1 - ls) [j == t_i]) * (1 - (z_ij / softcap)^2),
+//            p_ij = exp(z_ij - lse_i)
+// A row whose target equals ignore_index has loss 0, lse 0 and a zero gradient, whatever its logits (NaN included).
+// A target outside [0, V) that is not ignore_index: NaN loss, lse and gradient for that row (never read out of
+// bounds); the CPU kernels also report the first such row so the glue can raise.
+struct CeSpec {
+  int64_t ignore_index = -100;
+  float label_smoothing = 0.f;
+  float z_loss = 0.f;
+  float softcap = 0.f;  // <= 0: none
+};
+
+// loss_i of CeSpec from the row's lse, its target's z and sum_j z_j (read only when label_smoothing != 0).
+GK_HOST_DEVICE inline float ce_row_loss(float lse, float zt, float zsum, int64_t V, const CeSpec& s) {
+  const float nll = lse - zt;
+  const float ls = s.label_smoothing;
+  // ls == 0: no smoothing term at all, as PyTorch (an inf or NaN in sum_j z cannot leak in through 0 * inf).
+  float loss = ls != 0.f ? (1.f - ls) * nll + ls * (lse - zsum / float(V)) : nll;
+  if (s.z_loss != 0.f) loss += s.z_loss * lse * lse;
+  return loss;
 }
 
 }  // namespace gptkernels

@@ -51,6 +51,11 @@ EagerOut decode_attention_eager(const at::Tensor& q, const at::Tensor& k_cache, 
 // bias + activation: {y}. activation: "gelu_tanh", "gelu" or "relu".
 EagerOut bias_gelu_eager(const at::Tensor& x, const std::optional<at::Tensor>& bias, const std::string& activation);
 
+// cross_entropy over the last dim (class indices, reduction "mean" / "sum" / "none"): {loss}. softcap None: none.
+EagerOut cross_entropy_eager(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                             const std::string& reduction, double label_smoothing, double z_loss,
+                             std::optional<double> softcap);
+
 // fused_mlp / swiglu on the ATen-GEMM path, without grad (inference): {y}. With grad: std::nullopt.
 EagerOut fused_mlp_eager(const at::Tensor& x, const at::Tensor& w_fc, const std::optional<at::Tensor>& b_fc,
                          const at::Tensor& w_proj, const std::optional<at::Tensor>& b_proj,

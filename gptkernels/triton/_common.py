@@ -1,4 +1,5 @@
-"""What the Triton launchers share: the device guard, the SM count, the unit-stride rule and the interpreter switch.
+"""What the Triton launchers share: the device guard, the SM count, the unit-stride rule, the interpreter switch and
+an fp32 tanh (softcaps).
 
 Device guard: Triton launches on the *current* CUDA device, not the tensors' (triton/runtime/jit.py), so a model on
 cuda:1 while cuda:0 is current would run, and autotune, on the wrong GPU. Every public launcher of gptkernels/triton
@@ -11,8 +12,13 @@ import contextlib
 import functools
 
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
 
 from gptkernels._dispatch import interpret_mode as interpreting  # noqa: F401  (TRITON_INTERPRET=1: the interpreter)
+
+_LIBDEVICE = tl.constexpr(not interpreting())  # the interpreter cannot run libdevice calls
 
 
 @functools.cache
@@ -45,3 +51,21 @@ def on_tensor_device(launcher):
             return launcher(*args, **kwargs)
 
     return wrapper
+
+
+@triton.jit
+def tanh(x):
+    # fp32 tanh: libdevice's (2 ulp) on the GPU; the interpreter has no libdevice (attention's and cross_entropy's
+    # softcap).
+    if _LIBDEVICE:
+        t = libdevice.tanh(x)
+    else:
+        # Interpreter only: (1 - e) / (1 + e) with e = exp(-2|x|) loses ~eps/|x| relative for small |x|, where the
+        # series (to x^9, truncation < 2e-10 relative at |x| = 1/8) takes over. NaN stays NaN.
+        ax = tl.abs(x)
+        e = tl.exp(-2.0 * ax)
+        x2 = x * x
+        series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+        t = tl.where(ax < 0.125, series, (1.0 - e) / (1.0 + e))
+        t = tl.where(x < 0.0, -t, t)
+    return t

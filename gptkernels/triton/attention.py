@@ -45,7 +45,7 @@ fp32 precision. The exponent is formed in the natural domain and rounded once: e
 s - m an fp32 subtraction of the finished scores (on the GPU tl.exp is ex2.approx((s - m) * log2e): one more rounding
 of the difference only). The exp2 idiom (scores, mask and lse each pre-multiplied by log2e) would round each of them
 on its own. With softcap, scale / softcap is folded into one constant, and tanh is libdevice's (2 ulp; tanh.approx,
-2^-11, would miss the fp32 bound); the interpreter has no libdevice and uses _tanh's exp formula and series.
+2^-11, would miss the fp32 bound); the interpreter has no libdevice and uses _common.tanh's exp formula and series.
 
 Dropout: keep_ij is a function of (seed, b, h, i, j) only: Philox4x32-10 (tl.philox, the generator behind
 tl.rand) keyed by the seed with the counter (j, i, b * H + h, 0), so any tile shape or loop order, forward or
@@ -84,12 +84,11 @@ when it does not. Batch/head offsets are int64, so tensors over 2^31 elements ar
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from gptkernels.triton._common import device_guard, interpreting, sm_count, unit_last_stride
+from gptkernels.triton._common import tanh as _tanh
 
 _INTERPRET = interpreting()  # at import: the autotune decorators below depend on it
-_LIBDEVICE = tl.constexpr(not _INTERPRET)  # the interpreter cannot run libdevice calls
 
 # Under the interpreter (CPU tensors, for testing) every program runs one after another in numpy: one small tile
 # config, no autotuning (each config would rerun every test case). 16 is tl.dot's smallest tile, and T = 17 or 33
@@ -215,22 +214,6 @@ def _visible(rows, cols, Tq, Tk, offset, left, right, HAS_LEFT: tl.constexpr, HA
     if HAS_LEFT:
         ok = ok & (cols >= pos - left)
     return ok
-
-
-@triton.jit
-def _tanh(x):
-    if _LIBDEVICE:
-        t = libdevice.tanh(x)
-    else:
-        # Interpreter only: (1 - e) / (1 + e) with e = exp(-2|x|) loses ~eps/|x| relative for small |x|, where the
-        # series (to x^9, truncation < 2e-10 relative at |x| = 1/8) takes over. NaN stays NaN.
-        ax = tl.abs(x)
-        e = tl.exp(-2.0 * ax)
-        x2 = x * x
-        series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-        t = tl.where(ax < 0.125, series, (1.0 - e) / (1.0 + e))
-        t = tl.where(x < 0.0, -t, t)
-    return t
 
 
 @triton.jit

@@ -31,68 +31,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // exp(x) for x <= 0 (x = z - rowmax): vmath.h's, exp(-inf) = 0 exactly, NaN stays NaN.
 using vmath::exp_nonpos;
 
-// Loads of one element as fp32, written so that GCC inlines and vectorizes them in every ISA clone (dtype.h's
-// half conversion branches).
-inline __attribute__((always_inline)) float load_f32(float v) { return v; }
-inline __attribute__((always_inline)) float load_f32(bf16_t v) {
-  const uint32_t u = uint32_t(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline __attribute__((always_inline)) float load_f32(half_t v) {
-  // Shifting the 15 exponent+mantissa bits into fp32 position and multiplying by 2^112 rebiases the exponent;
-  // subnormal halves land on fp32 subnormals and come out exact too. Inf/NaN (exponent 31) are set directly.
-  const uint32_t em = uint32_t(v.bits & 0x7fffu);
-  const uint32_t sign = uint32_t(v.bits & 0x8000u) << 16;
-  float f;
-  const uint32_t shifted = em << 13;
-  std::memcpy(&f, &shifted, sizeof f);
-  f *= 0x1p112f;
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  u = em >= 0x7c00u ? (shifted | 0x7f800000u) : u;
-  u |= sign;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// Branch-free fp32 -> 16-bit stores, round to nearest even: dtype.h's from_float (same results) branches.
-// Every case is computed and the right one selected, so a row loop of them vectorizes.
-template <typename T>
-inline __attribute__((always_inline)) T store_f32(float f);
-template <>
-inline __attribute__((always_inline)) float store_f32<float>(float f) {
-  return f;
-}
-template <>
-inline __attribute__((always_inline)) bf16_t store_f32<bf16_t>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (u >> 16) | 0x40u;
-  return bf16_t{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
-}
-template <>
-inline __attribute__((always_inline)) half_t store_f32<half_t>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  u &= 0x7fffffffu;
-  // |f| >= 65520 rounds to inf (the normal path below gets there too, except exactly at 2^16 and beyond)
-  const uint32_t big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  // subnormal or zero result: adding 0.5f lets the FPU round at the 2^-24 position
-  float a;
-  std::memcpy(&a, &u, sizeof a);
-  a += 0.5f;
-  uint32_t ab;
-  std::memcpy(&ab, &a, sizeof ab);
-  const uint32_t small = ab - 0x3f000000u;
-  const uint32_t normal = (u + 0xc8000fffu + ((u >> 13) & 1u)) >> 13;  // rebias by -112, round to nearest even
-  const uint32_t h = u >= 0x47800000u ? big : (u < 0x38800000u ? small : normal);
-  return half_t{uint16_t(sign | h)};
-}
-
 // The forward makes three passes over a row, the eager-PyTorch structure: (1) the max of the logits, reading x
 // only; (2) e = exp(logit - max) and its sum, re-reading x from L1/L2 and writing e (into y itself for fp32, into
 // an fp32 row buffer for 16-bit, which is rounded only once, after normalizing); (3) y = e / sum. The logits

@@ -58,4 +58,17 @@ __device__ __forceinline__ void block_sum(float (&v)[R], float* smem) {
   for (int r = 0; r < R; ++r) v[r] = warp_sum(lane < nwarps ? smem[r * kWarp + lane] : 0.f);
 }
 
+// The max of v over the block (blockDim.x a multiple of 32, <= 1024); every thread gets it. fmaxf skips a NaN (callers
+// that must see NaN carry it in a sum). smem: 32 floats; barriers as in block_sum.
+__device__ __forceinline__ float block_max(float v, float* smem) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  return warp_max(lane < nwarps ? smem[lane] : neg_inf());
+}
+
 }  // namespace gptkernels
