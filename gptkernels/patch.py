@@ -42,7 +42,7 @@ from gptkernels.ops.attention import scaled_dot_product_attention
 from gptkernels.ops.layernorm import layer_norm, rms_norm
 from gptkernels.ops.mlp import fused_mlp, swiglu
 
-OPS = ("layernorm", "rmsnorm", "attention", "mlp")
+OPS = ("layernorm", "rmsnorm", "attention", "mlp", "loss")
 _STATE = "_gptkernels_patch"
 _PROBE_RTOL = 1e-6  # float64 probe; loose enough for modules that compute in fp32 inside (Llama's RMSNorm does)
 _EPS_GUESSES = (1e-5, 1e-6)  # norms that hard-code eps (nanoGPT's LayerNorm): the probe picks the one that matches
@@ -441,11 +441,94 @@ def _match_attention(m):
             "state": state, "head_dim": n_embd // n_head}
 
 
+# ------------------------------------------------------------------------------------------------- loss
+class _Hidden(torch.nn.Module):
+    """Stands in for an HF causal LM's lm_head during a fused-loss call: the model's forward gets its hidden states
+    back where it expects logits, and hands them to ``loss_function``, which is then _FusedLoss."""
+
+    def forward(self, h):
+        return h
+
+
+class _FusedLoss:
+    """HF's ForCausalLMLoss (shift, ignore_index, mean or sum / num_items_in_batch) on hidden states, with the LM
+    head folded in: linear_cross_entropy never builds the (tokens, vocab) logits."""
+
+    def __init__(self, head, backend):
+        self.head, self.backend = head, backend
+
+    def __call__(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                 **kwargs):
+        from gptkernels.ops.cross_entropy import linear_cross_entropy
+
+        h = logits  # HF's name for what it passes: the hidden states, since lm_head is _Hidden during the call
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        w, b = self.head.weight, self.head.bias
+        if w.dtype != h.dtype:  # autocast ran the model in a lower precision: F.linear would have cast the head too
+            w, b = w.to(h.dtype), (b.to(h.dtype) if b is not None else None)
+        loss = linear_cross_entropy(h, w, shift_labels.to(h.device), bias=b, ignore_index=ignore_index,
+                                    reduction="sum" if num_items_in_batch is not None else "mean",
+                                    backend=self.backend)
+        loss = loss.float()  # HF's loss is fp32 whatever the model's dtype
+        if num_items_in_batch is not None:
+            loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                           else num_items_in_batch)
+        return loss
+
+
+def _causal_lm_loss_forward(self, *args, **kwargs):
+    """An HF causal LM's forward where, in training mode with labels, the loss comes from linear_cross_entropy and
+    no logits are built (``.logits`` is None); otherwise the model's own forward, logits included."""
+    st = self.__dict__[_STATE]
+    own = type(self).forward
+    labels = kwargs.get("labels")
+    if (labels is None or not self.training or kwargs.get("logits_to_keep", 0) not in (0, None)
+            or "_loss_function" in self.__dict__  # a loss the user set: theirs to compute
+            or getattr(self, "loss_type", None) not in (None, "ForCausalLM")):
+        return own(self, *args, **kwargs)
+    head = self._modules["lm_head"]
+    self.__dict__["_loss_function"] = _FusedLoss(head, st["backend"])  # what HF's loss_function property returns
+    self._modules["lm_head"] = _Hidden()
+    try:
+        out = own(self, *args, **kwargs)
+    finally:
+        self._modules["lm_head"] = head
+        del self.__dict__["_loss_function"]
+    out["logits"] = None
+    return out
+
+
+def _match_loss(m):
+    """HF causal LMs whose forward is `logits = self.lm_head(hidden)` then `self.loss_function(logits, labels, ...)`
+    with nothing between but the logits_to_keep slice (GPT-2, Llama, Mistral, Qwen2 and most others)."""
+    head = getattr(m, "lm_head", None)
+    cfg = getattr(m, "config", None)
+    if not isinstance(head, torch.nn.Module) or cfg is None or not hasattr(cfg, "vocab_size"):
+        return None
+    if not hasattr(type(m), "loss_function"):
+        return None
+    if not isinstance(head, torch.nn.Linear):
+        raise _Skip(f"lm_head is a {type(head).__name__}, not an nn.Linear")
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise _Skip(f"config.{attr} transforms the logits between lm_head and the loss")
+    try:
+        src = inspect.getsource(inspect.unwrap(type(m).forward))
+    except (OSError, TypeError):
+        raise _Skip("forward source unavailable: cannot check how the loss is formed") from None
+    calls = ("self.lm_head(", "self.loss_function(")
+    if not all(src.count(c) == 1 for c in calls) or "softcap" in src or "logits = logits" in src:
+        raise _Skip("forward does more than lm_head then loss_function between the hidden states and the loss")
+    return {"kind": "loss", "op": "linear_cross_entropy", "forward": _causal_lm_loss_forward, "state": {}}
+
+
 def _match(m):
     """(kind, match dict) or (kind, _Skip) or None when the module is no candidate."""
     from gptkernels import nn as gnn
 
-    for matcher, kind in ((_match_norm, "norm"), (_match_mlp, "mlp"), (_match_attention, "attention")):
+    for matcher, kind in ((_match_norm, "norm"), (_match_mlp, "mlp"), (_match_attention, "attention"),
+                          (_match_loss, "loss")):
         if matcher is _match_norm and isinstance(m, (gnn.LayerNorm, gnn.RMSNorm)):
             return ("layernorm" if isinstance(m, gnn.LayerNorm) else "rmsnorm"), _Skip("already a gptkernels module")
         if matcher is _match_mlp and isinstance(m, gnn.FusedMLP):
@@ -518,7 +601,11 @@ def patch(model, ops=OPS, backend=None, dry_run=False) -> PatchReport:
 
     Args:
         model: any torch.nn.Module tree (a Hugging Face model, nanoGPT, your own).
-        ops: which of "layernorm", "rmsnorm", "attention", "mlp" to swap; other candidates are listed as skipped.
+        ops: which of "layernorm", "rmsnorm", "attention", "mlp", "loss" to swap; other candidates are listed as
+            skipped. "loss": a Hugging Face causal LM (GPT-2, Llama, ...) called in training mode with ``labels``
+            computes its loss with ``linear_cross_entropy`` (HF's shift, ignore_index -100, mean or sum /
+            ``num_items_in_batch``) and returns ``logits=None``: the (tokens, vocab) logits are never built. In
+            eval mode, or without labels, the model's own forward runs.
         backend: passed to every swapped op: "cuda", "triton", "cpu", "torch", or None/"auto" (then
             GPTKERNELS_BACKEND, then automatic, decided per call). A module the requested backend cannot run
             (device, dtype, head dim) is skipped with the dispatcher's reason.

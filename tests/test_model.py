@@ -21,7 +21,7 @@ def _fp64_reference(model):
 
 
 def _grads(model, idx, targets):
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
     params = [p for _, p in model.named_parameters()]
     dy = torch.Generator().manual_seed(1)
     g = torch.randn(logits.shape, generator=dy, dtype=torch.float64).to(logits.dtype)
@@ -107,11 +107,36 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
     assert_close(got, full.double(), name="cached logits")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_loss_without_logits_matches_fp64_reference(backend, monkeypatch):
+    """With targets and no return_logits the loss comes from linear_cross_entropy: the LM head never runs, and the loss
+    and every parameter gradient (the tied wte/lm_head weight included) match the logits path in fp64."""
+    torch.manual_seed(torch.initial_seed())
+    model = GPT(TINY, backend=backend)
+    ref = _fp64_reference(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 17))
+    targets = torch.randint(0, TINY.vocab_size, (2, 17))
+    targets[1, :5] = -1
+    _, rloss = ref(idx, targets, return_logits=True)
+    rgrads = torch.autograd.grad(rloss, list(ref.parameters()))
+
+    def no_head(*args):
+        raise AssertionError("the LM head ran: the logits were built")
+
+    monkeypatch.setattr(model.lm_head, "forward", no_head)
+    logits, loss = model(idx, targets)
+    assert logits is None and loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert_close(loss, rloss, name="loss")
+    for (n, _), g, r in zip(model.named_parameters(), grads, rgrads):
+        assert_close(g, r, name=f"grad {n}")
+
+
 def test_autocast_bf16_runs_in_bf16():
     model = GPT(TINY, backend="cpu")
     idx = torch.randint(0, TINY.vocab_size, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(idx, idx)
+        logits, loss = model(idx, idx, return_logits=True)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
@@ -120,11 +145,11 @@ def test_autocast_bf16_runs_in_bf16():
     eager = GPT(TINY, backend="torch")
     eager.load_state_dict(model.state_dict())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        elogits, eloss = eager(idx, idx)
+        elogits, eloss = eager(idx, idx, return_logits=True)
     eloss.backward()
     ref64 = copy.deepcopy(eager).double()
     ref64.zero_grad()
-    rlogits, rloss = ref64(idx, idx)
+    rlogits, rloss = ref64(idx, idx, return_logits=True)
     rloss.backward()
     bf16 = torch.bfloat16
     assert_close(logits, rlogits, elogits, "autocast logits", dtype=bf16)
@@ -138,13 +163,14 @@ def test_compile_fullgraph_train_step():
     model = GPT(TINY, backend="cpu")
     idx = torch.randint(0, TINY.vocab_size, (2, 8))
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    logits, loss = compiled(idx, idx)
+    logits, loss = compiled(idx, idx)  # the loss through linear_cross_entropy, no logits
+    assert logits is None
     loss.backward()
     g = model.transformer.h[0].attn.c_attn.weight.grad.clone()
     model.zero_grad()
-    elogits, eloss = model(idx, idx)
+    _, eloss = model(idx, idx)
     eloss.backward()
-    assert_close(logits, elogits.double(), name="compiled logits")
+    assert_close(loss, eloss.double(), name="compiled loss")
     assert_close(g, model.transformer.h[0].attn.c_attn.weight.grad.double(), name="compiled dW")
 
 

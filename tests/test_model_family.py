@@ -119,7 +119,7 @@ def test_kernel_model_matches_fp64_reference(config, backend):
     targets = torch.randint(0, config.vocab_size, (2, 17))
     out = {}
     for name, m in (("kernels", model), ("fp64", ref)):
-        logits, loss = m(idx, targets)
+        logits, loss = m(idx, targets, return_logits=True)
         g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         grads = torch.autograd.grad((logits * g.to(logits.dtype)).sum() + loss, list(m.parameters()))
         out[name] = logits, loss, grads
@@ -170,11 +170,11 @@ def test_compile_fullgraph_post_norm_and_band():
                           "attn_scale": 1.0})
     model = GPT(config, backend="cpu")
     idx = torch.randint(0, config.vocab_size, (2, 12))
-    logits, loss = torch.compile(model, fullgraph=True, dynamic=False)(idx, idx)
+    logits, loss = torch.compile(model, fullgraph=True, dynamic=False)(idx, idx, return_logits=True)
     loss.backward()
     g = model.transformer.h[1].attn.c_attn.weight.grad.clone()
     model.zero_grad()
-    elogits, eloss = model(idx, idx)
+    elogits, eloss = model(idx, idx, return_logits=True)
     eloss.backward()
     assert_close(logits, elogits.double(), name="compiled logits")
     assert_close(g, model.transformer.h[1].attn.c_attn.weight.grad.double(), name="compiled dW")

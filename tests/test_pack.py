@@ -67,7 +67,7 @@ def test_packed_forward_and_backward_match_each_document_alone(backend, lens, po
         kw["position_ids"] = torch.cat([torch.arange(n) for n in lens]).view(2, 32)
     g = torch.randn(64, config.vocab_size, dtype=torch.float64)  # one shared random dlogits
 
-    logits, loss = model(idx, targets, **kw)
+    logits, loss = model(idx, targets, return_logits=True, **kw)
     grads = torch.autograd.grad((logits.view(64, -1) * g.float()).sum() + loss, list(model.parameters()))
 
     rlogits = torch.cat([ref(d[None])[0][0] for d in docs])  # (64, V): each document alone

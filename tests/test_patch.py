@@ -334,10 +334,12 @@ def tiny_llama(hf, **kw):
 GPT2_EXPECTED = {f"transformer.h.{i}.{n}": k for i in range(2)
                  for n, k in (("ln_1", "layernorm"), ("attn", "attention"), ("ln_2", "layernorm"), ("mlp", "mlp"))}
 GPT2_EXPECTED["transformer.ln_f"] = "layernorm"
+GPT2_EXPECTED[""] = "loss"
 LLAMA_EXPECTED = {f"model.layers.{i}.{n}": k for i in range(2)
                   for n, k in (("self_attn", "attention"), ("mlp", "mlp"), ("input_layernorm", "rmsnorm"),
                                ("post_attention_layernorm", "rmsnorm"))}
 LLAMA_EXPECTED["model.norm"] = "rmsnorm"
+LLAMA_EXPECTED[""] = "loss"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -401,6 +403,43 @@ def test_hf_gpt2_train_mode(hf):
     assert result.ok, str(result)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_loss_kind(hf, arch):
+    """In training mode with labels, the patched causal LM's loss comes from linear_cross_entropy (HF's shift,
+    ignore_index -100, mean or sum / num_items_in_batch) with no logits; in eval mode its own forward runs."""
+    ref = (tiny_gpt2 if arch == "gpt2" else tiny_llama)(hf).train()
+    model = copy.deepcopy(ref)
+    report = gptkernels.patch(model, ops=("loss",))
+    assert [(e.name, e.kind) for e in report.swapped] == [("", "loss")], str(report)
+    ids = torch.randint(1, 97, (2, 11))
+    labels = ids.clone()
+    labels[0, 4:7] = -100
+    for extra in ({}, {"num_items_in_batch": torch.tensor(13)}):
+        out, want = model(ids, labels=labels, **extra), ref(ids, labels=labels, **extra)
+        assert out.logits is None and out.loss.dtype == torch.float32
+        torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=0)
+        got = torch.autograd.grad(out.loss, list(model.parameters()))
+        exp = torch.autograd.grad(want.loss, list(ref.parameters()))
+        for (n, _), g, e in zip(model.named_parameters(), got, exp):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=n)
+    assert gptkernels.last("linear_cross_entropy")[0] == "cpu"
+    model.eval(), ref.eval()
+    out, want = model(ids, labels=labels), ref(ids, labels=labels)
+    assert torch.equal(out.logits, want.logits) and torch.equal(out.loss, want.loss)
+    result = gptkernels.verify(ref, model, {"input_ids": ids, "labels": labels}, train=True, steps=1)
+    assert result.ok and "logits" not in [r.name for r in result.rows], str(result)
+    gptkernels.unpatch(model)
+    assert model.train()(ids, labels=labels).logits is not None
+
+
+def test_hf_loss_kind_skips_a_softcapped_head(hf):
+    cfg = hf.Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+    report = gptkernels.patch(hf.Gemma2ForCausalLM(cfg), ops=("loss",), dry_run=True)
+    loss = [e for e in report if e.kind == "loss"]
+    assert len(loss) == 1 and loss[0].action == "skipped" and "final_logit_softcapping" in loss[0].reason, str(report)
+
+
 def test_hf_attention_skips(hf):
     model = tiny_llama(hf, hidden_act="gelu_pytorch_tanh")  # a GeGLU MLP: swiglu needs SiLU
     model.config._attn_implementation = "flex_attention"
@@ -408,7 +447,7 @@ def test_hf_attention_skips(hf):
     skipped = {e.name: e.reason for e in report.skipped}
     assert "not SiLU" in skipped["model.layers.0.mlp"], str(report)
     assert "flex_attention" in skipped["model.layers.0.self_attn"], str(report)
-    assert {e.kind for e in report.swapped} == {"rmsnorm"}
+    assert {e.kind for e in report.swapped} == {"rmsnorm", "loss"}
 
 
 def test_verify_catches_a_wrong_candidate():
