@@ -11,8 +11,10 @@ from gptkernels.ops.attention import (
 )
 from gptkernels.ops.layernorm import layer_norm, rms_norm
 from gptkernels.ops.mlp import bias_gelu, fused_mlp, swiglu
+from gptkernels.ops.qlinear import dequantize_weight, quantize_weight, quantized_linear
 from gptkernels.ops.softmax import softmax
 from gptkernels.patch import PatchReport, patch, unpatch
+from gptkernels.quantize import QuantizeReport, load_quantized, quantize
 from gptkernels.verify import VerifyReport, verify
 
 __all__ = [
@@ -20,11 +22,13 @@ __all__ = [
     "ArgumentTypeError",
     "BackendUnavailableError",
     "PatchReport",
+    "QuantizeReport",
     "VerifyReport",
     "__version__",
     "attention",
     "bias_gelu",
     "decode_attention",
+    "dequantize_weight",
     "explain",
     "flash_attn_func",
     "flash_attn_varlen_func",
@@ -32,7 +36,11 @@ __all__ = [
     "info",
     "last",
     "layer_norm",
+    "load_quantized",
     "patch",
+    "quantize",
+    "quantize_weight",
+    "quantized_linear",
     "rms_norm",
     "scaled_dot_product_attention",
     "softmax",
