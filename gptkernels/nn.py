@@ -112,6 +112,15 @@ class QuantizedLinear(torch.nn.Module):
         m.name = name
         return m
 
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(torch.bfloat16) convert every float buffer: the scales stay float32 (a 16-bit copy
+        # would round every weight a second time, and the kernels read float32). Device moves still apply.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float32 and scales.dtype == torch.float32:
+            self.scales = scales.to(self.scales.device)
+        return self
+
     def _label(self):
         fmt = f"int{self.bits}" + (f" g{self.group_size}" if self.group_size else " per-channel")
         return f"QuantizedLinear {self.name!r} ({self.in_features} -> {self.out_features}, {fmt})" if self.name \

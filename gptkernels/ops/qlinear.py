@@ -226,7 +226,7 @@ def _check(x, qweight, scales, bias, group_size, bits):
                    f"), but x's last dim is {k}")
     g = k if group_size is None else group_size
     _check_group(fn, k, g, bits)
-    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
+    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point():
         raise _TypeErr(f"{fn}: scales must be a float32 tensor, got "
                        f"{scales.dtype if isinstance(scales, torch.Tensor) else type(scales).__name__}")
     shapes = [(n,)] if group_size is None else [(n, k // g)] + ([(n,)] if k // g == 1 else [])
@@ -269,23 +269,25 @@ _PATH_NOTES = {
 }
 
 
-def _supports(dtype):
+def _supports(dtype, scales_dtype):
     def supports(b):
         if b in ("cpu", "cuda") and not _HAS_CPP:
             return "the built extension lacks gptkernels::qlinear_fwd (rebuild with `pip install -e .`)"
+        if b != "torch" and scales_dtype != torch.float32:
+            return f"scales dtype {scales_dtype}: the kernels read float32 scales (the torch reference takes any)"
         return _dispatch.dtype_support(dtype, b)
 
     return supports
 
 
-def _select(x, backend, bits, gemv):
+def _select(x, scales, backend, bits, gemv):
     """The backend for this call, with the path recorded in explain()."""
-    key = (x.dtype, bits, gemv)
+    key = (x.dtype, bits, gemv, scales.dtype)
     if not _common.is_compiling():
         rec = _dispatch.choice(_FN, x.device, backend, key)
         if rec is not None:
             return rec[0]
-    be = _dispatch.select(_FN, x.device, backend, _supports(x.dtype))
+    be = _dispatch.select(_FN, x.device, backend, _supports(x.dtype, scales.dtype))
     _dispatch.note(_FN, _PATH_NOTES[(be, gemv)])
     if not _common.is_compiling():
         _dispatch.remember(_FN, x.device, backend, key)
@@ -298,7 +300,8 @@ def quantized_linear(x, qweight, scales, bias=None, *, group_size=None, bits=8, 
     Args:
         x: (..., K) float32, float16 or bfloat16 (any float dtype on the torch backend). Any strides.
         qweight: (N, K) int8 (bits=8) or (N, K // 2) uint8 (bits=4, two values a byte), from :func:`quantize_weight`.
-        scales: float32 (N,) (int8 per channel, group_size=None) or (N, K // group_size).
+        scales: float32 (N,) (int8 per channel, group_size=None) or (N, K // group_size). (The torch reference
+            takes any float dtype, e.g. float64 in tests; the kernels read float32.)
         bias: (N,) any float dtype, or None.
         group_size: None (int8 per output channel) or the K-group size of the scales (int4: 32, 64 or 128).
         bits: 8 or 4.
@@ -311,7 +314,7 @@ def quantized_linear(x, qweight, scales, bias=None, *, group_size=None, bits=8, 
     if _EAGER and not _common.is_compiling() and type(x) is torch.Tensor and x.dim() and x.shape[-1]:
         # Eager fast path: the cached backend decision, then the C++ entry (checks and kernel) in one call.
         gemv = x.numel() // x.shape[-1] <= GEMV_MAX_ROWS
-        rec = _dispatch.choice(_FN, x.device, backend, (x.dtype, bits, gemv))
+        rec = _dispatch.choice(_FN, x.device, backend, (x.dtype, bits, gemv, scales.dtype))
         if rec is not None and rec[0] in _common.EAGER_BACKENDS:
             gs = x.shape[-1] if group_size is None else group_size
             out = _common.eager_call(_common.C.qlinear, x, qweight, scales, bias, gs, bits, not gemv)
@@ -322,8 +325,10 @@ def quantized_linear(x, qweight, scales, bias=None, *, group_size=None, bits=8, 
     if err is not None:
         raise err
     k = x.shape[-1]
-    gemv = math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS
-    be = _select(x, backend, bits, gemv)
+    # A branch, not bool(): under torch.compile's dynamic shapes this installs a guard on M and leaves a Python bool
+    # (a symbolic bool in the path's dict key broke tracing).
+    gemv = True if math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS else False  # noqa: SIM210
+    be = _select(x, scales, backend, bits, gemv)
     if be == "torch":
         return quantized_linear_ref(x, qweight, scales, bias, group_size=group_size, bits=bits)
     gs = k if group_size is None else group_size
