@@ -35,6 +35,7 @@ QShape check_qlinear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(x.dim() >= 1, "x: must have at least 1 dim (..., K)");
   TORCH_CHECK(bits == 4 || bits == 8, "bits: must be 4 or 8, got ", bits);
   const int64_t K = x.size(-1);
+  TORCH_CHECK(K >= 1, "x: the last dim (K, in_features) must be >= 1");
   TORCH_CHECK(q.dim() == 2, "qweight: must be 2-D (N, K) int8 or (N, K / 2) uint8, got ", q.sizes());
   const int64_t N = q.size(0);
   TORCH_CHECK(group >= 1 && K % group == 0, "group_size: ", group, " must divide K = ", K);
@@ -98,56 +99,52 @@ at::Tensor dequant_gemm_cpu(const at::Tensor& x2, const at::Tensor& q, const at:
 at::Tensor qlinear_fwd(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias, int64_t group_size, int64_t bits, bool dequant) {
   const QShape s = check_qlinear(x, qweight, scales, bias, group_size, bits);
+  // y is allocated in its final shape (..., N): contiguous, so its data is the (M, N) matrix the kernels write. x is
+  // read through its data pointer as (M, K) when contiguous, no reshape: at decode sizes each dispatched view op
+  // costs a few hundred ns of a call's few us.
   const auto shape = out_shape(x, s.N);
   if (s.M == 0 || s.N == 0) return at::empty(shape, x.options());
-  if (s.K == 0) {  // an empty sum: y = bias (or 0)
-    at::Tensor y = at::zeros({s.M, s.N}, x.options());
-    if (has_tensor(bias)) y.add_(*bias);
-    return y.view(shape);
-  }
   const DType dt = to_kernel_dtype(x.scalar_type(), "x");
-  at::Tensor x2 = x.reshape({s.M, s.K}).contiguous();  // (M, K); the kernels read unit-stride rows
-  at::Tensor q = qweight.contiguous();
-  const at::Tensor sc = scales.contiguous();
-  if (x.is_cuda()) {
-    // The CUDA kernels read 16-byte vectors from the row starts; an offset view is copied (x: M*K elements, small
-    // at the M the kernel serves; a weight that is a view of a larger buffer: once per call, rare).
-    if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16) x2 = x2.clone();
-    if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16) q = q.clone();
-  }
+  at::Tensor x2 = x.is_contiguous() ? x : x.contiguous();  // the kernels read unit-stride rows
+  at::Tensor q = qweight.is_contiguous() ? qweight : qweight.contiguous();
+  const at::Tensor sc = scales.is_contiguous() ? scales : scales.contiguous();
   const at::Tensor b = has_tensor(bias) ? as_f32_vector(*bias) : at::Tensor();
   const int ibits = int(bits);
   if (x.is_cuda()) {
 #ifdef GPTKERNELS_WITH_CUDA
+    // The CUDA kernels read 16-byte vectors from the row starts; an offset view is copied (x: M*K elements, small
+    // at the M the kernel serves; a weight that is a view of a larger buffer: once per call, rare).
+    if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16) x2 = x2.clone();
+    if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16) q = q.clone();
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
     if (dequant) {
-      // W in x's dtype (N*K elements), then cuBLAS with fp32 accumulation; the bias added in fp32 by addmm's epilogue
-      // is in x's dtype there, as nn.Linear's.
+      // W in x's dtype (N*K elements), then cuBLAS with fp32 accumulation; the bias in x's dtype, as nn.Linear's.
       at::Tensor w = at::empty({s.N, s.K}, x.options());
       check_cuda(launch_qlinear_dequant(dt, ibits, q.data_ptr(), sc.data_ptr<float>(), w.data_ptr(), s.N, s.K, s.group,
                                         stream),
                  "launch_qlinear_dequant");
-      at::Tensor y = b.defined() ? at::addmm(b.to(x.scalar_type()), x2, w.t()) : at::mm(x2, w.t());
+      const at::Tensor xm = x2.view({s.M, s.K});
+      at::Tensor y = b.defined() ? at::addmm(b.to(x.scalar_type()), xm, w.t()) : at::mm(xm, w.t());
       return y.view(shape);
     }
-    at::Tensor y = at::empty({s.M, s.N}, x.options());
+    at::Tensor y = at::empty(shape, x.options());
     check_cuda(launch_qlinear_fwd(dt, ibits, x2.data_ptr(), q.data_ptr(), sc.data_ptr<float>(), opt_float_ptr(b),
                                   y.data_ptr(), s.M, s.N, s.K, s.group, stream),
                "launch_qlinear_fwd");
-    return y.view(shape);
+    return y;
 #else
     TORCH_CHECK(false, "gptkernels was built without CUDA");
 #endif
   }
   if (dequant) {
-    at::Tensor y = dequant_gemm_cpu(x2, q, sc, b, ibits, s);
+    at::Tensor y = dequant_gemm_cpu(x2.view({s.M, s.K}), q, sc, b, ibits, s);
     return (y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type())).view(shape);
   }
-  at::Tensor y = at::empty({s.M, s.N}, x.options());
+  at::Tensor y = at::empty(shape, x.options());
   qlinear_fwd_cpu(dt, ibits, x2.data_ptr(), q.data_ptr(), sc.data_ptr<float>(), opt_float_ptr(b), y.data_ptr(), s.M,
                   s.N, s.K, s.group);
-  return y.view(shape);
+  return y;
 }
 
 // No autograd here: a call that needs a gradient goes to the Python path, which raises the documented error.
