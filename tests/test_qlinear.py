@@ -69,7 +69,7 @@ def test_matches_fp64(bd, fmt, dtype, m):
     n, k = q.shape[0], _shape(bits, group_size)[1]
     with_bias = m != 3  # both forms, on both paths
     b = torch.randn(n, device=device, dtype=dtype) if with_bias else None
-    if m == 17:  # a non-contiguous x: every other column of a wider tensor, 3-D
+    if m in (3, 17):  # a non-contiguous x (every other column of a wider tensor, 3-D), on both paths
         x = torch.randn(1, m, 2 * k, device=device, dtype=dtype)[..., ::2]
         assert not x.is_contiguous()
     else:

@@ -116,10 +116,12 @@ def gemv(x, qweight, scales, bias, group_size, bits):
     if m == 0 or n == 0:
         return y
     block_m = min(_MAX_BLOCK_M, max(1, triton.next_power_of_2(m)))
+    # The (BLOCK_M, BLOCK_N, BLOCK_K) product tile lives in registers: about 4096 elements (32 per thread of 4 warps).
+    block_k = max(32, min(_BLOCK_K, 4096 // (block_m * _BLOCK_N)))
     grid = (triton.cdiv(n, _BLOCK_N), triton.cdiv(m, block_m))
     _qlinear_gemv_kernel[grid](
         x, q, s, bias if bias is not None else s, y, m, n, k, s.shape[1], group_size, x.stride(0), q.stride(0),
-        y.stride(0), BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+        y.stride(0), BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=block_k,
     )
     return y
 
