@@ -142,10 +142,10 @@ class QuantizedLinear(torch.nn.Module):
 
     def set_extra_state(self, state):
         if not isinstance(state, dict) or state.get("format") != "gptkernels.qlinear":
-            raise RuntimeError(f"{self._label()}: the state dict's extra state {state!r} is not a gptkernels "
+            raise ArgumentError(f"{self._label()}: the state dict's extra state {state!r} is not a gptkernels "
                                f"quantized layer's")
         if (state.get("bits"), state.get("group_size")) != (self.bits, self.group_size):
-            raise RuntimeError(f"{self._label()}: the state dict holds bits={state.get('bits')}, group_size="
+            raise ArgumentError(f"{self._label()}: the state dict holds bits={state.get('bits')}, group_size="
                                f"{state.get('group_size')}; this layer is bits={self.bits}, group_size="
                                f"{self.group_size} (gptkernels.quantize.load_quantized builds the layers the state "
                                f"dict describes)")
@@ -153,7 +153,7 @@ class QuantizedLinear(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         if prefix + "weight" in state_dict and prefix + "qweight" not in state_dict:
-            raise RuntimeError(f"{self._label()}: the state dict holds a float weight ({prefix}weight) for this "
+            raise ArgumentError(f"{self._label()}: the state dict holds a float weight ({prefix}weight) for this "
                                f"quantized layer; load the float checkpoint into a float model and call "
                                f"gptkernels.quantize(model)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
