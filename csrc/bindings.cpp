@@ -174,4 +174,13 @@ PYBIND11_MODULE(_C, m) {
                           [&] { return gptkernels::swiglu_eager(x, w_gate, w_up, w_down); });
       },
       "Eager swiglu without grad on the ATen-GEMM path: y, or None for the checked Python path.");
+  m.def(
+      "qlinear",
+      [](const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const OptT& bias, int64_t group_size,
+         int64_t bits, bool dequant) {
+        return eager_call("gptkernels::quantized_linear", qweight.numel(), [&] {
+          return gptkernels::qlinear_eager(x, qweight, scales, bias, group_size, bits, dequant);
+        });
+      },
+      "Eager quantized_linear without grad: y, or None for the checked Python path.");
 }

@@ -164,8 +164,18 @@ def _linear_weight(layer):
     return layer.weight.t() if _is_conv1d(layer) else layer.weight
 
 
+def _linear_shape(layer):
+    """(out, in) of a linear layer; a gptkernels QuantizedLinear has no float weight, only its sizes."""
+    if type(layer).__name__ == "QuantizedLinear" and not hasattr(layer, "weight"):
+        return (layer.out_features, layer.in_features)
+    return tuple(_linear_weight(layer).shape)
+
+
 def _check_linear(owner, name, want_bias=None):
     layer = getattr(owner, name, None)
+    if type(layer).__name__ == "QuantizedLinear":
+        raise _Skip(f"{name} is a QuantizedLinear (gptkernels.quantize): its own forward already runs "
+                    f"quantized_linear, and the fused op needs float weights")
     if not (type(layer) is torch.nn.Linear or _is_conv1d(layer)):
         raise _Skip(f"{name} is {type(layer).__name__}, not nn.Linear or Conv1D (a wrapped layer, e.g. LoRA, "
                     f"would be bypassed)")
@@ -418,7 +428,7 @@ def _match_attention(m):
     if not all(isinstance(getattr(m, a, None), torch.nn.Module) for a in ("c_attn", "c_proj")):
         return None
     n_embd, n_head = m.n_embd, m.n_head
-    if n_head < 1 or n_embd % n_head or _linear_weight(m.c_attn).shape != (3 * n_embd, n_embd):
+    if n_head < 1 or n_embd % n_head or _linear_shape(m.c_attn) != (3 * n_embd, n_embd):
         raise _Skip(f"c_attn is not a fused (3 * n_embd, n_embd) = ({3 * n_embd}, {n_embd}) qkv projection")
     if isinstance(getattr(m, "dropout", None), float):
         def dropout_p(mod):
@@ -526,13 +536,18 @@ def _match_loss(m):
 def _match(m):
     """(kind, match dict) or (kind, _Skip) or None when the module is no candidate."""
     from gptkernels import nn as gnn
+    from gptkernels.model import CausalSelfAttention
 
     for matcher, kind in ((_match_norm, "norm"), (_match_mlp, "mlp"), (_match_attention, "attention"),
                           (_match_loss, "loss")):
         if matcher is _match_norm and isinstance(m, (gnn.LayerNorm, gnn.RMSNorm)):
             return ("layernorm" if isinstance(m, gnn.LayerNorm) else "rmsnorm"), _Skip("already a gptkernels module")
-        if matcher is _match_mlp and isinstance(m, gnn.FusedMLP):
+        if matcher is _match_mlp and isinstance(m, (gnn.FusedMLP, gnn.QuantizedMLP)):
             return "mlp", _Skip("already a gptkernels module")
+        if matcher is _match_attention and isinstance(m, CausalSelfAttention):
+            # gptkernels.model's attention: its forward takes the KV cache and packing arguments, which the patched
+            # forward does not (swapping it broke GPT's forward with a TypeError).
+            return "attention", _Skip("already a gptkernels module")
         try:
             found = matcher(m)
         except _Skip as e:

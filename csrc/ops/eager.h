@@ -62,4 +62,8 @@ EagerOut fused_mlp_eager(const at::Tensor& x, const at::Tensor& w_fc, const std:
                          const std::string& activation, const std::optional<at::Tensor>& residual);
 EagerOut swiglu_eager(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down);
 
+// Weight-only quantized linear without grad: {y}. dequant: the dequantize + GEMM path instead of the fused kernel.
+EagerOut qlinear_eager(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, int64_t group_size, int64_t bits, bool dequant);
+
 }  // namespace gptkernels
