@@ -182,6 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser):
                         "GPTKERNELS_BACKEND)")
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                        help="weight-only quantization of the linear layers (int8 per channel, int4 groups of 128; "
+                        "lm_head stays float)")
 
 
 def generate_text(args) -> dict:
@@ -203,6 +206,13 @@ def generate_text(args) -> dict:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, source, tok = load_model(args.model, args.hf, args.ckpt, args.backend, args.seed)
     model = model.to(device=device, dtype=dtype).eval()
+    if getattr(args, "quantize", None):
+        from gptkernels.profile import QUANTIZED
+        from gptkernels.quantize import quantize
+
+        rep = quantize(model, *QUANTIZED[args.quantize])
+        source += (f", {args.quantize}: {len(rep.quantized)} layers, {rep.bytes_before / 1e6:.1f} -> "
+                   f"{rep.bytes_after / 1e6:.1f} MB")
     V = model.config.vocab_size
     prompt = encode_prompt(args.prompt, args.prompt_ids, V, tok)
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)  # (S, T)

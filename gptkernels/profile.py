@@ -36,6 +36,11 @@ import torch
 from gptkernels import _runtime
 
 PROVIDERS = ("eager", "gptkernels", "compile")
+# Weight-only quantized gptkernels models (gptkernels.quantize: the linear layers, lm_head kept float):
+# provider -> (bits, group_size). Not in the default set; --quantize or --providers adds them.
+QUANTIZED = {"int8": (8, None), "int4": (4, 128)}
+# What a quantized model runs instead of fused_mlp: quantized_linear for every projection, bias_gelu between.
+QUANTIZED_OPS = ("layer_norm", "scaled_dot_product_attention", "decode_attention", "quantized_linear", "bias_gelu")
 GRAPHS_SUFFIX = "+graphs"
 # The ops a GPT forward dispatches; their last() entry tells which backend ran.
 MODEL_OPS = ("layer_norm", "scaled_dot_product_attention", "decode_attention", "fused_mlp")
@@ -280,6 +285,10 @@ def _build(provider, config, state_dict, device, dtype):
     model = GPT(config, backend="torch" if base == "eager" else None)
     model.load_state_dict(state_dict)
     model = model.to(device=device, dtype=dtype).eval()
+    if base in QUANTIZED:
+        from gptkernels.quantize import quantize
+
+        quantize(model, *QUANTIZED[base])
     if base == "compile":
         return model, torch.compile(model)
     return model, model
@@ -325,10 +334,10 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
     say = log or (lambda msg: None)
     device, dtype = _resolve_device_dtype(device, dtype)
     providers = list(providers)
-    bad = [p for p in providers if p not in PROVIDERS]
+    bad = [p for p in providers if p not in PROVIDERS and p not in QUANTIZED]
     if bad or not providers:
         raise ProfileError(f"unknown provider(s) {', '.join(bad) or '(none given)'}; "
-                           f"choose from {', '.join(PROVIDERS)}")
+                           f"choose from {', '.join((*PROVIDERS, *QUANTIZED))}")
     if cuda_graphs:
         if device.type != "cuda":
             raise ProfileError(f"--cuda-graphs needs a CUDA device; this run is on {device} (CUDA graphs capture GPU "
@@ -380,7 +389,8 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
                         base = torch.cuda.memory_allocated(device)
                     pre, dec, out = r.run(prompt)
                     # Read right after the provider ran (a compiled model replays the record, see _dispatch).
-                    r.backends = backends_used()
+                    r.backends = backends_used(QUANTIZED_OPS if p.removesuffix(GRAPHS_SUFFIX) in QUANTIZED
+                                               else MODEL_OPS)
                     if device.type == "cuda":
                         used = torch.cuda.max_memory_allocated(device) - base + getattr(r, "graph_pool_bytes", 0)
                         samples[p]["mem"] = max(samples[p]["mem"], used)
@@ -550,7 +560,11 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all)")
+                        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all), plus int8 / int4: "
+                        "gptkernels with weight-only quantized linear layers")
+    parser.add_argument("--quantize", default=None, metavar="int8,int4",
+                        help="add rows for weight-only quantized models (int8 per channel, int4 groups of 128; "
+                        "lm_head stays float)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per provider (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per provider first (default 1)")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -564,6 +578,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args) -> int:
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    providers += [q.strip() for q in (args.quantize or "").split(",") if q.strip() and q.strip() not in providers]
     argv = getattr(args, "argv", None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = f" ({_runtime.threads_text(args.threads)})" if device.startswith("cpu") else ""

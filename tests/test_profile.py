@@ -197,3 +197,22 @@ def test_cli_seed_sets_weights_and_prompt(capsys, tmp_path, monkeypatch):
     (pc, wc), _ = runs["c"]
     assert torch.equal(pa, pb) and torch.equal(wa, wb) and ta == tb, "same seed: same prompt, weights, tokens"
     assert not torch.equal(pa, pc) and not torch.equal(wa, wc), "another seed: another prompt and weights"
+
+
+def test_quantized_rows(capsys, tmp_path):
+    """--quantize adds rows for weight-only int8 / int4 models; int8 keeps eager's greedy tokens on this model."""
+    out = tmp_path / "q.json"
+    rc = prof.main(["--model", "tiny", "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--device", "cpu",
+                    "--providers", "eager", "--quantize", "int8,int4", "--json", str(out), "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    rows = {row["provider"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["eager", "int8", "int4"]
+    assert rows["int8"]["backend"] == "cpu" and rows["int4"]["backend"] == "cpu"
+    assert rows["int8"]["tokens_match_eager"] is True  # int8 per channel: the greedy tokens of the float model
+
+
+def test_generate_quantized(capsys):
+    from gptkernels import generate
+
+    assert generate.main(["--model", "tiny", "--prompt", "def ", "--max-new-tokens", "3", "--quantize", "int8"]) == 0
+    assert "int8: 8 layers" in capsys.readouterr().out
