@@ -46,6 +46,7 @@ from torch.utils import benchmark  # noqa: E402
 # The checkout this script lives in, not an installed gptkernels.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gptkernels  # noqa: E402
+from gptkernels.bench.env import cpu_model, git_sha  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = ("eager", "gk.cpu")
@@ -133,24 +134,6 @@ def memory_in_subprocess(op, provider, n, v, c):
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ru, hwm = (float(s) for s in out.stdout.strip().splitlines()[-1].split())
     return ru, hwm
-
-
-def git_sha():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 # benchmarks/ first on sys.path, and a site-packages gptkernels would be timed instead.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gptkernels  # noqa: E402
+from gptkernels.bench.env import cpu_model, git_sha  # noqa: E402
 
 B, H, D = 1, 12, 64
 
@@ -69,29 +70,10 @@ def bandwidth_ceilings(rounds=9):
     return {"copy_gbps": 2 * nbytes / quantiles(tc)[0] / 1e9, "read_gbps": nbytes / quantiles(ts)[0] / 1e9}
 
 
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def cpu_has(flag):
     try:
         return any(line.startswith("flags") and flag in line.split() for line in open("/proc/cpuinfo"))
     except OSError:
-        return None
-
-
-def git_sha():
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], text=True).strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "csrc"]) != 0
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
         return None
 
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an installed gptkernels
 import gptkernels  # noqa: E402
+from gptkernels.bench.env import cpu_model, git_sha  # noqa: E402
 from gptkernels.model import GPT, GPTConfig  # noqa: E402
 
 COLD_BYTES = 96 << 20  # three times the 32 MB L3 of the 2-core EPYC
@@ -67,25 +68,6 @@ def read_ceiling(rounds=9):
         src.sum()
         ts.append(time.perf_counter() - t0)
     return src.numel() * 4 / quantiles(ts)[0] / 1e9
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def git_sha():
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], text=True).strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "csrc", "gptkernels"]) != 0
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ linear layers

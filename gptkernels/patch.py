@@ -75,8 +75,23 @@ class PatchEntry:
     reason: str
 
 
+class EntryReport:
+    """What patch() and quantize() reports share: a list of dataclass entries, iterable and exportable."""
+
+    entries: list
+
+    def to_dicts(self) -> list[dict]:
+        return [dataclasses.asdict(e) for e in self.entries]
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+
 @dataclasses.dataclass
-class PatchReport:
+class PatchReport(EntryReport):
     """Every module ``patch`` recognised, swapped or skipped, with the reason. ``str(report)`` is a table."""
 
     entries: list[PatchEntry]
@@ -99,15 +114,6 @@ class PatchReport:
             out.setdefault(e.kind, {}).setdefault(e.action, 0)
             out[e.kind][e.action] += 1
         return out
-
-    def to_dicts(self) -> list[dict]:
-        return [dataclasses.asdict(e) for e in self.entries]
-
-    def __len__(self):
-        return len(self.entries)
-
-    def __iter__(self):
-        return iter(self.entries)
 
     def __str__(self):
         if self.title == "gptkernels.patch":

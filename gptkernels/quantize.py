@@ -30,6 +30,7 @@ from gptkernels import _dispatch
 from gptkernels.nn import QuantizedLinear, QuantizedMLP
 from gptkernels.nn_mlp import FusedMLP
 from gptkernels.ops.qlinear import _check_format, quantize_weight  # noqa: F401  (quantize_weight: re-exported)
+from gptkernels.patch import EntryReport
 
 _Err = _dispatch.ArgumentError
 _PATCH_STATE = "_gptkernels_patch"  # gptkernels/patch.py's per-module state
@@ -54,7 +55,7 @@ def _mb(n):
 
 
 @dataclasses.dataclass
-class QuantizeReport:
+class QuantizeReport(EntryReport):
     """Every layer ``quantize`` quantized or skipped, with the reason. ``str(report)`` is a table."""
 
     entries: list[QuantizeEntry]
@@ -86,15 +87,6 @@ class QuantizeReport:
         for e in self.entries:
             out[e.action] = out.get(e.action, 0) + 1
         return out
-
-    def to_dicts(self) -> list[dict]:
-        return [dataclasses.asdict(e) for e in self.entries]
-
-    def __len__(self):
-        return len(self.entries)
-
-    def __iter__(self):
-        return iter(self.entries)
 
     def __str__(self):
         fmt = _format_name(self.bits, self.group_size)
