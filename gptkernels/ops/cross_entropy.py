@@ -389,6 +389,14 @@ def _run(fn, be, t1, v, ignore_index, function, *args):
         raise _Err(f"{fn}: {e}") from None
 
 
+def _check_target(fn, target, x, name, what):
+    """target must have x's shape without its last dim, on x's device (x: logits or h)."""
+    if tuple(target.shape) != tuple(x.shape[:-1]):
+        raise _Err(f"{fn}: target of shape {tuple(target.shape)} must {what}, {tuple(x.shape[:-1])}")
+    if target.device != x.device:
+        raise _Err(f"{fn}: target is on {target.device} but {name} is on {x.device}")
+
+
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0,
                   softcap=None, backend=None):
     """F.cross_entropy over the LAST dim of logits with class-index targets, plus PaLM's z-loss and Gemma 2's softcap.
@@ -423,11 +431,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     _check_common(fn, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise _Err(f"{fn}: logits must have a class dim (the last) of size >= 1, got shape {tuple(logits.shape)}")
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise _Err(f"{fn}: target of shape {tuple(target.shape)} must have logits' shape without its last (class) "
-                   f"dim, {tuple(logits.shape[:-1])}")
-    if target.device != logits.device:
-        raise _Err(f"{fn}: target is on {target.device} but logits is on {logits.device}")
+    _check_target(fn, target, logits, "logits", "have logits' shape without its last (class) dim")
     be = _dispatch.select(fn, logits.device, backend, lambda b: _dispatch.dtype_support(logits.dtype, b),
                           key=logits.dtype)
     v = logits.shape[-1]
@@ -477,11 +481,7 @@ def linear_cross_entropy(h, weight, target, bias=None, ignore_index=-100, reduct
             raise _TypeErr(f"{fn}: {name} dtype {t.dtype} must match h's {h.dtype}")
         if t is not None and t.device != h.device:
             raise _Err(f"{fn}: {name} is on {t.device} but h is on {h.device}")
-    if tuple(target.shape) != tuple(h.shape[:-1]):
-        raise _Err(f"{fn}: target of shape {tuple(target.shape)} must be h's shape without its last dim, "
-                   f"{tuple(h.shape[:-1])}")
-    if target.device != h.device:
-        raise _Err(f"{fn}: target is on {target.device} but h is on {h.device}")
+    _check_target(fn, target, h, "h", "be h's shape without its last dim")
     be = _dispatch.select(fn, h.device, backend, lambda b: _dispatch.dtype_support(h.dtype, b), key=h.dtype)
     t1 = target.reshape(-1)
     if be == "torch":
