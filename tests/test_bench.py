@@ -377,3 +377,71 @@ def test_list_prints_the_catalogue_and_runs_nothing(tmp_path, capsys, monkeypatc
         assert f"  {name}" in out
     assert "providers:" in out and "shape presets:" in out and "gpt2" in out
     assert not list(tmp_path.iterdir()), "--list writes nothing"
+
+
+# ------------------------------------------------------------------------------- losses, qlinear, peak memory
+def test_cpu_peak_memory_sees_what_a_step_allocates():
+    """The CPU peak-memory reading (VmHWM after a reset) grows with what the step touches and ignores what was
+    already resident before it."""
+    import torch
+
+    from gptkernels.bench import harness
+
+    cpu = torch.device("cpu")
+    held = torch.ones(32 << 20, dtype=torch.uint8)  # resident before the step: never counted
+
+    def big():
+        torch.ones(96 << 20, dtype=torch.uint8)  # 96 MiB written, then freed
+
+    def small():
+        torch.ones(1 << 10, dtype=torch.uint8)
+
+    got_big, got_small = harness.peak_mem_mb(big, cpu), harness.peak_mem_mb(small, cpu)
+    if got_big is None:
+        pytest.skip("this system has no /proc/self/clear_refs peak reset")
+    assert 90 <= got_big <= 140, got_big
+    assert got_small < 20, got_small
+    del held
+
+
+def test_loss_and_qlinear_ops_run_checked_with_memory(tmp_path):
+    """The loss ops run fwd+bwd by default (their peak memory is the whole step's) and record it; the quantized
+    linears run fwd only against eager F.linear on the dequantized weight and aten's int8 GEMM."""
+    rc = bench.main([*TINY, "--ops", "cross_entropy,linear_cross_entropy,qlinear_int8,qlinear_int4",
+                     "--providers", "eager,gptkernels-cpu,aten-int8pack", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = [r for r in res["rows"] if r["status"] == "ok"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["op"], set()).add((r["mode"], r["provider"], r["shape"]))
+    for op in ("cross_entropy", "linear_cross_entropy"):
+        assert {m for m, _, _ in by[op]} == {"fwd+bwd"}, by[op]
+        assert {p for _, p, _ in by[op]} == {"eager", "gptkernels-cpu"}
+    for op in ("qlinear_int8", "qlinear_int4"):
+        assert {m for m, _, _ in by[op]} == {"fwd"}
+        assert {s for _, _, s in by[op]} == {"1x96x256", "3x96x256"}  # one row per decode batch size
+    assert ("fwd", "aten-int8pack", "1x96x256") in by["qlinear_int8"] or not hasattr(
+        __import__("torch").ops.aten, "_weight_int8pack_mm")
+    assert not any(r["provider"] == "compile" for r in res["rows"] if r["op"].startswith("qlinear"))
+    if any(r["peak_mem_mb"] is not None for r in rows):  # Linux with a resettable peak
+        assert all(r["peak_mem_mb"] is not None for r in rows if r["op"].endswith("cross_entropy"))
+    assert not any("has no bwd mode" in n for n in res["notes"])  # only said when --mode asks for it
+
+
+def test_an_explicit_mode_the_op_lacks_is_noted(tmp_path):
+    rc = bench.main([*TINY, "--ops", "qlinear_int8", "--mode", "fwd,bwd", "--providers", "eager", "--out",
+                     str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert {r["mode"] for r in res["rows"] if r["op"] == "qlinear_int8"} == {"fwd"}
+    assert "qlinear_int8: has no bwd mode (it runs fwd)" in res["notes"]
+
+
+def test_loss_and_qlinear_shapes_per_device():
+    ce, lce, q8 = OPS["cross_entropy"], OPS["linear_cross_entropy"], OPS["qlinear_int8"]
+    assert ce.shape("gpt2", "cuda") == (8192, 50257) and ce.shape("standard", "cuda") == (4096, 50257)
+    assert lce.shape("llama-7b", "cuda") == (4096, 4096, 128256)
+    assert lce.shape("gpt2", "cpu") == (256, 768, 50257) and lce.shape("llama-7b", "cpu") is None
+    assert q8.shape("gpt2", "cpu") == [(1, 3072, 768), (4, 3072, 768), (16, 3072, 768)]
+    assert lce.work("fwd+bwd", (8, 4, 10), 4) == 3 * 2 * 8 * 4 * 10

@@ -371,3 +371,20 @@ def test_help_texts_are_plain_and_say_what_the_flags_do():
         "% of ceiling",
     ):
         assert needle in flat, needle
+
+
+def test_verdict_names_a_peak_memory_difference_only_when_large():
+    def mem(r, mb):
+        r["peak_mem_mb"] = mb
+        return r
+
+    rows = [
+        mem(_row("linear_cross_entropy", "eager", "fwd+bwd", 10.0, shape="256x768x50257"), 600.0),
+        mem(_row("linear_cross_entropy", "gptkernels-cpu", "fwd+bwd", 9.0, shape="256x768x50257"), 60.0),
+        mem(_row("layernorm", "eager", "fwd", 1.0), 10.0),
+        mem(_row("layernorm", "gptkernels-cpu", "fwd", 0.5), 9.0),
+    ]
+    text = report.verdict(_result(rows))
+    assert "memory: linear_cross_entropy fwd+bwd peak 0.10× eager's (largest shape 256x768x50257: 60 MB vs 600 MB" \
+        in text
+    assert "memory: layernorm" not in text

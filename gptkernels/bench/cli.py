@@ -43,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present, else cpu")
     p.add_argument("--dtype", type=_csv, default=None, help="comma list: float32, bfloat16, float16 (default: "
                    "bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--mode", type=_csv, default=["fwd", "bwd"], help="comma list of fwd, bwd, fwd+bwd (default: "
-                   "fwd,bwd); bwd times the backward alone, fwd+bwd both")
+    p.add_argument("--mode", type=_csv, default=None, help="comma list of fwd, bwd, fwd+bwd (default: fwd,bwd; "
+                   "fwd+bwd for the losses, fwd for inference-only ops); bwd times the backward alone, fwd+bwd both")
     p.add_argument("--shapes", type=_csv, default=None,
                    help="comma list of presets (gpt2, gpt2-xl, llama-7b, standard = 16384x4096, tiny) or explicit "
                         "shapes like 4096x768 (default: cpu: gpt2,gpt2-xl,llama-7b; cuda: standard,gpt2,gpt2-xl,"
@@ -154,7 +154,8 @@ def run(args) -> int:
     else:
         ops = args.ops
     unknown = [o for o in ops if o not in OPS]
-    bad_modes = [m for m in args.mode if m not in MODES]
+    modes = args.mode or ["fwd", "bwd"]
+    bad_modes = [m for m in modes if m not in MODES]
     dtypes = args.dtype or (["bfloat16"] if dev == "cuda" else ["float32"])
     bad_dtypes = [d for d in dtypes if d not in DTYPES]
     presets = args.shapes or list((specs.QUICK_PRESETS if args.quick else specs.DEFAULT_PRESETS)[dev])
@@ -174,8 +175,9 @@ def run(args) -> int:
     def save(result):
         report.write(result, out)
 
-    cfg = Config(ops=ops, device=device, dtypes=[getattr(torch, DTYPES[d]) for d in dtypes], modes=args.mode,
-                 presets=presets, quick=args.quick, providers=args.providers, exclude=exclude, model=args.model,
+    cfg = Config(ops=ops, device=device, dtypes=[getattr(torch, DTYPES[d]) for d in dtypes], modes=modes,
+                 modes_explicit=args.mode is not None, presets=presets, quick=args.quick, providers=args.providers,
+                 exclude=exclude, model=args.model,
                  time_budget=args.time_budget, seed=args.seed, argv=[shlex.quote(a) for a in _command(args)],
                  progress=not args.no_progress, on_update=save, on_start=_print_header)
     if args.threads:

@@ -108,12 +108,15 @@ for _b in ("cuda", "triton", "cpu"):
 KERNEL_ORDER = {"cuda": ("cuda", "triton", "cpu"), "cpu": ("cpu", "cuda", "triton")}
 
 
-def providers_for(op: str, device_type: str) -> list[Provider]:
+def providers_for(spec: OpSpec, device_type: str) -> list[Provider]:
+    """The providers of ``spec`` on a device: its baselines (eager, compile), every kernel backend (the device's own
+    first; the rest report why they cannot run), then the providers registered for the op."""
     from gptkernels.bench.registry import EXTRA_PROVIDERS
 
     order = KERNEL_ORDER.get(device_type, KERNEL_ORDER["cpu"])
-    builtin = [BUILTIN["eager"], BUILTIN["compile"]] + [BUILTIN[f"gptkernels-{b}"] for b in order]
-    return builtin + list(EXTRA_PROVIDERS.get(op, {}).values())
+    builtin = [BUILTIN[b] for b in ("eager", "compile") if b in spec.baselines]
+    builtin += [BUILTIN[f"gptkernels-{b}"] for b in order]
+    return builtin + list(EXTRA_PROVIDERS.get(spec.name, {}).values())
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -276,16 +279,51 @@ def time_cuda(step, quick: bool) -> Timing:
 
 
 def peak_mem_mb(step, device: torch.device) -> float | None:
-    """CUDA: max_memory_allocated over one step, above what was allocated before it. CPU: None (no honest
-    allocator-level counter there)."""
-    if device.type != "cuda":
+    """Peak memory of one step above what was in use before it, in MiB.
+
+    CUDA: ``max_memory_allocated`` after a reset. CPU (Linux): the process's resident-set high-water mark
+    (``VmHWM``) after resetting it with ``/proc/self/clear_refs`` and returning glibc's free pages (``malloc_trim``),
+    minus the resident set before the step. Freed-but-cached heap pages that the step reuses would hide part of its
+    peak; the trim releases them first. None where /proc or the reset is unavailable (other systems, a container
+    that forbids it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if device.type != "cpu":
         return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+        base = _proc_status_kb("VmRSS")
+        step()
+        peak = _proc_status_kb("VmHWM")
+    except OSError:
+        return None
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) / 1024
+
+
+def _proc_status_kb(field: str) -> int | None:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def llc_bytes() -> int:

@@ -1,9 +1,11 @@
-"""``python -m gptkernels bench --model NAME``: one GPT step (fwd, bwd, fwd+bwd) as a benchmarked op.
+"""``python -m gptkernels bench --model NAME``: one GPT training step (fwd, bwd, fwd+bwd) as a benchmarked op.
 
 The model's parameters are the op's inputs, so every provider (eager = ``GPT(config, backend="torch")``,
 ``compile`` of it, and ``GPT(config, backend=b)`` per kernel backend) runs the same weights through
-``torch.func.functional_call``, and the harness checks logits and every parameter gradient against the model in
-fp64 before timing. Shape (B, T): tokens per step; FLOPs from ``GPT.flops_per_token`` (6N + 12·L·C·T, fwd 1/3;
+``torch.func.functional_call``, and the harness checks the loss and every parameter gradient against the model in
+fp64 before timing. The step ends in the loss (random targets), as training does: eager builds the logits and
+calls F.cross_entropy, the kernel backends fuse the LM head with the loss, and the rows' peak memory shows the
+difference. Shape (B, T): tokens per step; FLOPs from ``GPT.flops_per_token`` (6N + 12·L·C·T, fwd 1/3;
 T capped at the window on banded layers).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from gptkernels.bench.registry import OpSpec
 
@@ -28,12 +31,18 @@ def _model(name: str, backend: str):
 
 
 def _fn(name: str, backend: str):
+    """A training step's loss. Kernel backends: ``GPT.forward(idx, targets)``, whose LM head and loss are one
+    linear_cross_entropy (the (B, T, V) logits never exist). Eager ("torch"): what a PyTorch user writes, the logits
+    and then F.cross_entropy, so the two rows' peak memory shows what the fused loss saves."""
     model = _model(name, backend)
 
-    def step(idx, **params):
+    def step(idx, targets, **params):
         state = {k.replace("__", "."): v for k, v in params.items()}
-        logits, _ = torch.func.functional_call(model, state, (idx,), tie_weights=True, strict=False)
-        return logits
+        if backend == "torch":
+            logits, _ = torch.func.functional_call(model, state, (idx,), tie_weights=True, strict=False)
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        _, loss = torch.func.functional_call(model, state, (idx, targets), tie_weights=True, strict=False)
+        return loss
 
     return step
 
@@ -56,7 +65,8 @@ def bench_spec(name: str) -> OpSpec:
     def make_inputs(shape, dtype, device, gen):
         b, t = shape
         ref = _model(name, "torch")
-        out = {"idx": torch.randint(0, config.vocab_size, (b, t), device=device, generator=gen)}
+        out = {"idx": torch.randint(0, config.vocab_size, (b, t), device=device, generator=gen),
+               "targets": torch.randint(0, config.vocab_size, (b, t), device=device, generator=gen)}
         for n, p in ref.named_parameters():
             if n in names:
                 x = torch.randn(p.shape, device=device, generator=gen, dtype=torch.float32)
@@ -71,8 +81,8 @@ def bench_spec(name: str) -> OpSpec:
 
     eager = _fn(name, "torch")
     return OpSpec(
-        name=f"model:{name}", summary=f"GPT {name} ({config.n_layer}L, {config.n_embd}C, {config.n_head}H): logits "
-        f"fwd and every parameter gradient", module="gptkernels.model", shape=shape, make_inputs=make_inputs,
+        name=f"model:{name}", summary=f"GPT {name} ({config.n_layer}L, {config.n_embd}C, {config.n_head}H): the "
+        f"training loss and every parameter gradient", module="gptkernels.model", shape=shape, make_inputs=make_inputs,
         grad_inputs=tuple(_key(n) for n in names), ref=eager, eager=eager, kernel=lambda b: _fn(name, b),
         flops={"fwd": flops(1 / 3), "bwd": flops(2 / 3)},
         formula={"fwd": "(6N + 12*L*C*T') * B*T / 3", "bwd": "(6N + 12*L*C*T') * B*T * 2/3"},  # T' = min(T, window)

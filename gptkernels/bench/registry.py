@@ -22,7 +22,8 @@ KERNEL_BACKENDS = ("cuda", "triton", "cpu")  # gptkernels' "torch" backend is th
 class OpSpec:
     """One benchmarked op.
 
-    ``shape(preset, device_type)`` gives the input shape for a shape preset (None: the op has no such shape).
+    ``shape(preset, device_type)`` gives the input shape for a shape preset, or a list of shapes (e.g. one per decode
+    batch size), or None (the op has no such shape).
     ``make_inputs(shape, dtype, device, generator)`` returns the keyword arguments of every provider function;
     the names in ``grad_inputs`` are the differentiable ones (leaves of the bwd graph). ``ref`` takes the same
     keywords in fp64 and is the correctness reference; ``eager`` is the baseline in the benchmark dtype;
@@ -46,6 +47,9 @@ class OpSpec:
     formula: dict[str, str] = field(default_factory=dict)
     default_on: tuple[str, ...] = ("cpu", "cuda")  # device types whose default suite includes this op
     backends: tuple[str, ...] = KERNEL_BACKENDS
+    modes: tuple[str, ...] = MODES  # the modes the op has (an inference-only op: ("fwd",))
+    default_modes: tuple[str, ...] | None = None  # the modes of a run without --mode (None: the run's default)
+    baselines: tuple[str, ...] = ("eager", "compile")  # built-in baseline providers that run it
 
     @property
     def metric(self) -> str:

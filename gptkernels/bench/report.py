@@ -351,6 +351,38 @@ def skip_groups(result: dict) -> list[str]:
     return out
 
 
+MEM_FLAG = 0.8  # peak memory below this share of eager's (or above its inverse) is worth a verdict line
+
+
+def memory_lines(result: dict) -> list[str]:
+    """One line per op whose fastest gptkernels provider's peak memory differs from eager's by more than
+    MEM_FLAG either way (geomean of the per-shape ratios, with the MB of the largest shape): what a fused loss or a
+    recompute saves, or what a kernel costs in workspace."""
+    problems = {}
+    for r in result["rows"]:
+        if r["provider"] != "-" and r["mode"] and r["status"] == "ok" and r.get("ms_p50"):
+            problems.setdefault(_problem(r), {})[r["provider"]] = r
+    per_op = {}
+    for (op, _, _, _, mode), by in problems.items():
+        kernels = [r for p, r in by.items() if _is_kernel(p)]
+        eager = by.get("eager")
+        if not kernels or eager is None or not eager.get("peak_mem_mb"):
+            continue
+        best = min(kernels, key=lambda r: r["ms_p50"])
+        if best.get("peak_mem_mb") is None:
+            continue
+        per_op.setdefault((op, mode), []).append((best["peak_mem_mb"] / eager["peak_mem_mb"], best, eager))
+    out = []
+    for (op, mode), xs in per_op.items():
+        g = _geomean([max(x, 1e-6) for x, _, _ in xs])
+        if g is None or MEM_FLAG <= g <= 1 / MEM_FLAG:
+            continue
+        _, best, eager = max(xs, key=lambda t: t[2]["peak_mem_mb"])
+        out.append(f"memory: {op} {mode} peak {sig(g, 2)}× eager's (largest shape {best['shape']}: "
+                   f"{best['peak_mem_mb']:.0f} MB vs {eager['peak_mem_mb']:.0f} MB, above the inputs)")
+    return out
+
+
 def verdict(result: dict, paths: list | None = None) -> str:
     """What the run says, in a few lines a person can act on: per op the fastest gptkernels backend's speedup over
     eager PyTorch and torch.compile (per mode, geomean over shapes), the geomean over ops, what FAILed, what was
@@ -393,6 +425,7 @@ def verdict(result: dict, paths: list | None = None) -> str:
             )
     else:
         out.append("verdict: no gptkernels row was timed against a baseline in this run")
+    out += memory_lines(result)
     for r in rows:
         if r["status"] == "FAIL":
             what = " ".join(str(x) for x in (r["op"], r["mode"], r["shape"], r["dtype"], r["provider"]) if x)

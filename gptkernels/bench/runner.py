@@ -31,6 +31,7 @@ class Config:
     modes: list[str]
     presets: list[str]
     quick: bool = False
+    modes_explicit: bool = True  # False: each op may run its own default modes (OpSpec.default_modes)
     providers: list[str] | None = None  # only these (None: all)
     exclude: dict[str, str] = field(default_factory=dict)  # provider -> why it is left out of this run
     model: str | None = None
@@ -125,7 +126,7 @@ def run_problem(p: Problem, cfg: Config, env: dict, gen: torch.Generator) -> lis
         return _row(env, spec.name, p.preset, provider, p.mode, p.shape, p.dtype, status, reason)
 
     rows = []
-    for prov in harness.providers_for(spec.name, device.type):
+    for prov in harness.providers_for(spec, device.type):
         if cfg.providers is not None and prov.name not in cfg.providers:
             continue
         why = cfg.exclude.get(prov.name) or prov.usable(p)
@@ -205,23 +206,37 @@ def plan(cfg: Config, result: dict) -> list[Problem]:
             specs.append(spec)
     for spec in specs:
         result["formulas"][spec.name] = {"summary": spec.summary, "metric": spec.metric,
-                                         **{m: spec.formula_for(m) for m in cfg.modes}}
+                                         **{m: spec.formula_for(m) for m in _modes(spec, cfg, [])}}
     problems, seen = [], {}
     for preset in cfg.presets:
         for spec in specs:
-            shape = parse_shape(preset) or spec.shape(preset, cfg.device.type)
-            if shape is None:
+            modes = _modes(spec, cfg, result["notes"])
+            shapes = parse_shape(preset) or spec.shape(preset, cfg.device.type)
+            if shapes is None:
                 result["notes"].append(f"{spec.name}: no {preset} shape")
                 continue
-            if (spec.name, shape) in seen:
-                result["notes"].append(f"{spec.name}: {preset} has the same shape as {seen[spec.name, shape]} "
-                                       f"({_shape_str(shape)}) on {cfg.device.type}; not repeated")
-                continue
-            seen[spec.name, shape] = preset
-            for dtype in cfg.dtypes:
-                for mode in cfg.modes:
-                    problems.append(Problem(spec, preset, tuple(shape), dtype, cfg.device, mode))
+            for shape in shapes if isinstance(shapes, list) else [shapes]:
+                shape = tuple(shape)
+                if (spec.name, shape) in seen:
+                    result["notes"].append(f"{spec.name}: {preset} has the same shape as {seen[spec.name, shape]} "
+                                           f"({_shape_str(shape)}) on {cfg.device.type}; not repeated")
+                    continue
+                seen[spec.name, shape] = preset
+                for dtype in cfg.dtypes:
+                    for mode in modes:
+                        problems.append(Problem(spec, preset, shape, dtype, cfg.device, mode))
     return problems
+
+
+def _modes(spec: OpSpec, cfg: Config, notes: list) -> list[str]:
+    """The modes ``spec`` runs in: --mode when given, else the op's own default (e.g. fwd+bwd for a loss, whose
+    peak memory is that of the whole step), else the run's; minus the modes the op does not have (noted once)."""
+    wanted = cfg.modes if cfg.modes_explicit or spec.default_modes is None else list(spec.default_modes)
+    dropped = [m for m in wanted if m not in spec.modes]
+    note = f"{spec.name}: has no {'/'.join(dropped)} mode (it runs {', '.join(spec.modes)})"
+    if dropped and cfg.modes_explicit and note not in notes:
+        notes.append(note)
+    return [m for m in wanted if m in spec.modes]
 
 
 def run(cfg: Config) -> dict:

@@ -434,7 +434,188 @@ def _register_mlp():
     ), replace=True)
 
 
+# ------------------------------------------------------------------------------------------------------ loss
+# The LM head's loss at GPT-2's vocabulary (and a Llama-3-sized one on CUDA). Tokens per row: CUDA 4096 (standard)
+# and 8192 (the models); CPU 1024 for cross_entropy and 256 for linear_cross_entropy, whose eager fwd+bwd is three
+# (N, C) x (C, V) GEMMs (1.7 s per call at 256 x 768 x 50257 on 2 cores) and the default suite must stay short.
+# `--shapes 8192x768x50257` runs any size. Timed fwd+bwd by default: the loss's peak memory is that of the whole step.
+GPT2_VOCAB, LLAMA3_VOCAB = 50257, 128256
+LOSS_TOKENS = {"cpu": (1024, 256), "cuda": (8192, 8192)}  # (cross_entropy, linear_cross_entropy)
+IGNORED = 0.05  # share of targets set to ignore_index (padding), so the ignore path is part of every timing
+
+
+def _loss_dims(preset, device_type):
+    """(tokens for cross_entropy, tokens for linear_cross_entropy, C, V) of a preset, or None."""
+    if preset == "tiny":
+        return 33, 33, 48, 301
+    ce, lce = LOSS_TOKENS["cuda" if device_type == "cuda" else "cpu"]
+    if preset == "standard":
+        return (4096, 4096, 768, GPT2_VOCAB) if device_type == "cuda" else None
+    if preset == "llama-7b":
+        return (4096, 4096, 4096, LLAMA3_VOCAB) if device_type == "cuda" else None
+    if preset == "gpt2-xl" and device_type != "cuda":
+        return None  # CPU: the same vocabulary as gpt2; only the GEMMs grow
+    return ce, lce, MODELS[preset][0], GPT2_VOCAB
+
+
+def _ce_shape(preset, device_type):
+    d = _loss_dims(preset, device_type)
+    return None if d is None else (d[0], d[3])
+
+
+def _lce_shape(preset, device_type):
+    d = _loss_dims(preset, device_type)
+    return None if d is None else (d[1], d[2], d[3])
+
+
+def _targets(n, v, device, gen):
+    t = torch.randint(0, v, (n,), device=device, generator=gen)
+    drop = torch.rand(n, device=device, generator=gen) < IGNORED
+    return t.masked_fill(drop, -100)
+
+
+def _ce_inputs(shape, dtype, device, gen):
+    n, v = shape
+    return {"logits": _randn(shape, dtype, device, gen, 2.0), "target": _targets(n, v, device, gen)}
+
+
+def _lce_inputs(shape, dtype, device, gen):
+    n, c, v = shape
+    return {"h": _randn((n, c), dtype, device, gen), "weight": _randn((v, c), dtype, device, gen, 2 * c ** -0.5),
+            "target": _targets(n, v, device, gen)}
+
+
+def _ce_eager(logits, target):
+    return F.cross_entropy(logits.float(), target)  # .float(): what HF's and nanoGPT's losses do with 16-bit logits
+
+
+def _ce_ref(logits, target):
+    return F.cross_entropy(logits, target)  # fp64 in the harness
+
+
+def _lce_eager(h, weight, target):
+    return F.cross_entropy(F.linear(h, weight).float(), target)
+
+
+def _lce_ref(h, weight, target):
+    return F.cross_entropy(F.linear(h, weight), target)
+
+
+def _ce_kernel(backend):
+    from gptkernels.ops.cross_entropy import cross_entropy
+
+    return lambda logits, target: cross_entropy(logits, target, backend=backend)
+
+
+def _lce_kernel(backend):
+    from gptkernels.ops.cross_entropy import linear_cross_entropy
+
+    return lambda h, weight, target: linear_cross_entropy(h, weight, target, backend=backend)
+
+
+def _lce_flops(gemms):
+    return lambda shape: int(gemms * 2 * shape[0] * shape[1] * shape[2])
+
+
+def _register_loss():
+    register_op(OpSpec(
+        name="cross_entropy", summary="F.cross_entropy on (tokens, V) logits, 5% of targets ignored",
+        module="gptkernels.ops.cross_entropy", shape=_ce_shape, make_inputs=_ce_inputs, grad_inputs=("logits",),
+        ref=_ce_ref, eager=_ce_eager, kernel=_ce_kernel,
+        bytes={"fwd": lambda shape, e: shape[0] * shape[1] * e, "bwd": lambda shape, e: 2 * shape[0] * shape[1] * e},
+        formula={"fwd": "read logits: N*V*e", "bwd": "read logits + write dlogits: 2*N*V*e"},
+        default_modes=("fwd+bwd",),
+    ), replace=True)
+    register_op(OpSpec(
+        name="linear_cross_entropy", summary="cross_entropy(h @ W^T, target): the LM head and its loss, (N, C) x (V, C)",
+        module="gptkernels.ops.cross_entropy", shape=_lce_shape, make_inputs=_lce_inputs,
+        grad_inputs=("h", "weight"), ref=_lce_ref, eager=_lce_eager, kernel=_lce_kernel,
+        flops={"fwd": _lce_flops(1), "bwd": _lce_flops(2)},
+        formula={"fwd": "logits GEMM: 2*N*C*V", "bwd": "dh and dW GEMMs: 2 * 2*N*C*V (a recompute is not counted)"},
+        default_modes=("fwd+bwd",),
+    ), replace=True)
+
+
+# ------------------------------------------------------------------------------------------ quantized linear
+# Weight-only int8 (per output channel) and int4 (groups of 128) GEMV/skinny GEMM at decode batch sizes, on the
+# MLP's up projection (N = 4C, K = C; llama-7b: its 11008 x 4096). The float weight given to eager F.linear is the
+# dequantized one, so every provider computes the same product and the fp64 reference checks them all.
+QLINEAR_ROWS = (1, 4, 16)
+QLINEAR_LAYERS = {"gpt2": (3072, 768), "gpt2-xl": (6400, 1600), "llama-7b": (11008, 4096), "standard": (11008, 4096)}
+
+
+def _qlinear_shape(preset, device_type):
+    if preset == "tiny":
+        return [(1, 96, 256), (3, 96, 256)]
+    n, k = QLINEAR_LAYERS[preset]
+    return [(m, n, k) for m in QLINEAR_ROWS]
+
+
+def _qlinear_inputs(bits, group):
+    def make(shape, dtype, device, gen):
+        from gptkernels.ops.qlinear import dequantize_weight, quantize_weight
+
+        m, n, k = shape
+        w = torch.randn((n, k), device=device, generator=gen) * k ** -0.5
+        q, sc = quantize_weight(w, bits=bits, group_size=group)
+        return {"x": _randn((m, k), dtype, device, gen), "weight": dequantize_weight(q, sc, group_size=group,
+                bits=bits, dtype=dtype), "qweight": q, "scales": sc}
+    return make
+
+
+def _qlinear_eager(x, weight, qweight, scales):
+    return F.linear(x, weight)
+
+
+def _qlinear_ref(bits, group):
+    def ref(x, weight, qweight, scales):
+        from gptkernels.ops.qlinear import quantized_linear_ref
+
+        return quantized_linear_ref(x, qweight, scales, group_size=group, bits=bits)
+    return ref
+
+
+def _qlinear_kernel(bits, group):
+    def kernel(backend):
+        from gptkernels.ops.qlinear import quantized_linear
+
+        return lambda x, weight, qweight, scales: quantized_linear(x, qweight, scales, group_size=group, bits=bits,
+                                                                   backend=backend)
+    return kernel
+
+
+def _int8pack_provider():
+    def make(problem):
+        return lambda x, weight, qweight, scales: torch.ops.aten._weight_int8pack_mm(x, qweight, scales.to(x.dtype))
+
+    def usable(problem):
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            return "this torch has no aten._weight_int8pack_mm"
+        if problem.device.type != "cpu":
+            return "aten._weight_int8pack_mm: compared on CPU only"
+        return None
+
+    return Provider("aten-int8pack", make, usable)
+
+
+def _register_qlinear():
+    for bits, group in ((8, None), (4, 128)):
+        name = "qlinear_int8" if bits == 8 else "qlinear_int4"
+        fmt = "int8, one scale per output channel" if bits == 8 else "int4, a scale per 128 K values"
+        register_op(OpSpec(
+            name=name, summary=f"weight-only {fmt}: x (M, K) @ dequant(W)^T at decode batch sizes M = 1, 4, 16, vs "
+            f"F.linear on the float weight", module="gptkernels.ops.qlinear", shape=_qlinear_shape,
+            make_inputs=_qlinear_inputs(bits, group), grad_inputs=(), ref=_qlinear_ref(bits, group),
+            eager=_qlinear_eager, kernel=_qlinear_kernel(bits, group),
+            flops={"fwd": lambda shape: 2 * shape[0] * shape[1] * shape[2]}, formula={"fwd": "2*M*N*K"},
+            modes=("fwd",), baselines=("eager",),
+        ), replace=True)
+    register_provider("qlinear_int8", _int8pack_provider())
+
+
 _register_norms()
 _register_softmax()
 _register_attention()
 _register_mlp()
+_register_loss()
+_register_qlinear()
