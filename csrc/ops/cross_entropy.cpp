@@ -159,6 +159,33 @@ namespace {
 
 enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
 
+// The (N,) fp32 loss rows reduced to the 0-d fp32 loss ("mean": divided by the count of rows whose target is not
+// ignore_index; 0 / 0 = NaN when there are none, as PyTorch), and that count as a 0-d int64 tensor when `count` is
+// given. The sum is ATen's, as in the Python path's reduction, so both paths give the same bits; on CPU the count
+// and the division are one loop here (ne, sum and div as ATen ops cost ~6 us, more than the kernel at a few rows).
+// CUDA: all ATen (a host loop would synchronize).
+at::Tensor reduce_rows(const at::Tensor& loss, const at::Tensor& target, int64_t ignore_index, int64_t reduction,
+                       at::Tensor* count) {
+  at::Tensor total = loss.sum();
+  if (reduction != kMean) return total;
+  if (loss.is_cuda()) {
+    at::Tensor c = target.ne(ignore_index).sum();
+    if (count) *count = c;
+    return total / c;
+  }
+  const at::Tensor t = target.contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  int64_t c = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) c += tp[i] != ignore_index;
+  // float / float(count): the op ATen's float-by-int64 division performs (exact for counts below 2^24).
+  total.data_ptr<float>()[0] /= static_cast<float>(c);
+  if (count) {
+    *count = at::empty({}, t.options());
+    count->data_ptr<int64_t>()[0] = c;
+  }
+  return total;
+}
+
 // Autograd of the eager entry, as CrossEntropyFunction in gptkernels/ops/cross_entropy.py: (N, V) logits, (N,)
 // target -> the fp32 loss reduced inside the node (the sum, divided by the count of counted rows for mean), or the
 // (N,) rows for none. Saves the logits (by reference), the target and lse.
@@ -174,12 +201,9 @@ struct CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
     ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["reduction"] = reduction;
     if (reduction == kNone) return {loss};
-    at::Tensor total = loss.sum();
-    if (reduction == kMean) {
-      at::Tensor count = target.ne(ignore_index).sum();
-      ctx->saved_data["count"] = count;
-      total = total / count;  // 0 / 0 = NaN when every target is ignored, as PyTorch
-    }
+    at::Tensor count;
+    at::Tensor total = reduce_rows(loss, target, ignore_index, reduction, &count);
+    if (reduction == kMean) ctx->saved_data["count"] = count;
     return {total};
   }
 
@@ -223,10 +247,7 @@ EagerOut cross_entropy_eager(const at::Tensor& logits, const at::Tensor& target,
   } else {
     // No autograd: the same arithmetic as the node's forward.
     out = std::get<0>(cross_entropy_fwd(x, t, ignore_index, label_smoothing, z_loss, cap));
-    if (red != kNone) {
-      at::Tensor total = out.sum();
-      out = red == kMean ? total / t.ne(ignore_index).sum() : total;
-    }
+    if (red != kNone) out = reduce_rows(out, t, ignore_index, red, nullptr);
   }
   if (red == kNone) return std::vector<at::Tensor>{out.to(logits.scalar_type()).view(target.sizes())};
   return std::vector<at::Tensor>{out.to(logits.scalar_type())};

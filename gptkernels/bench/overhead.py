@@ -49,6 +49,7 @@ def _randn(shape, dtype, device, gen, std=1.0):
 
 
 C, H, D, T_CACHE, HID, HID_SWIGLU = 768, 12, 64, 128, 3072, 2048
+LOSS_ROWS, LOSS_V = 8, 512  # a loss small enough that the call's host path, not its math, is what is timed
 
 
 def _norm_inputs(dtype, device, gen):
@@ -85,6 +86,24 @@ def _swiglu_inputs(dtype, device, gen):
     return {"x": _randn((1, 1, C), dtype, device, gen), "w_gate": _randn((HID_SWIGLU, C), dtype, device, gen, s),
             "w_up": _randn((HID_SWIGLU, C), dtype, device, gen, s),
             "w_down": _randn((C, HID_SWIGLU), dtype, device, gen, s / 2)}
+
+
+def _ce_inputs(dtype, device, gen):
+    return {"logits": _randn((LOSS_ROWS, LOSS_V), dtype, device, gen),
+            "target": torch.randint(0, LOSS_V, (LOSS_ROWS,), device=device, generator=gen)}
+
+
+def _lce_inputs(dtype, device, gen):
+    return {"h": _randn((LOSS_ROWS, C), dtype, device, gen), "weight": _randn((LOSS_V, C), dtype, device, gen, 0.05),
+            "target": torch.randint(0, LOSS_V, (LOSS_ROWS,), device=device, generator=gen)}
+
+
+def _qlinear_inputs(dtype, device, gen):
+    from gptkernels.ops.qlinear import dequantize_weight, quantize_weight
+
+    q, scales = quantize_weight(torch.randn((C, C), device=device, generator=gen) * C ** -0.5, bits=8)
+    return {"x": _randn((1, 1, C), dtype, device, gen), "weight": dequantize_weight(q, scales, dtype=dtype),
+            "qweight": q, "scales": scales}
 
 
 def _ln_res_eager(x, weight, bias, residual):
@@ -137,6 +156,17 @@ def cases() -> list[Case]:
              lambda x, w_gate, w_up, w_down: F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down),
              lambda be: lambda x, w_gate, w_up, w_down: gk.swiglu(x, w_gate, w_up, w_down, backend=be),
              "linear x2, silu, mul, linear"),
+        Case("cross_entropy", f"{LOSS_ROWS}x{LOSS_V}", _ce_inputs, ("logits",),
+             lambda logits, target: F.cross_entropy(logits, target),
+             lambda be: lambda logits, target: gk.cross_entropy(logits, target, backend=be), "F.cross_entropy"),
+        Case("linear_cross_entropy", f"{LOSS_ROWS}x{C} @ {LOSS_V}x{C}", _lce_inputs, ("h", "weight"),
+             lambda h, weight, target: F.cross_entropy(F.linear(h, weight), target),
+             lambda be: lambda h, weight, target: gk.linear_cross_entropy(h, weight, target, backend=be),
+             "F.linear, F.cross_entropy"),
+        Case("quantized_linear", f"1x1x{C} -> {C}, int8", _qlinear_inputs, (),
+             lambda x, weight, qweight, scales: F.linear(x, weight),
+             lambda be: lambda x, weight, qweight, scales: gk.quantized_linear(x, qweight, scales, backend=be),
+             "F.linear, float weight"),
     ]
 
 
