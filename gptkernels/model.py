@@ -453,17 +453,26 @@ class GPT(nn.Module):
     # --------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True):
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True, *,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
+                 no_repeat_ngram_size: int | None = None):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
-        temperature 0 is greedy. top_k keeps the k most likely tokens, top_p the smallest set whose probability
-        reaches p. With use_cache (default) the prompt is prefilled once and each step attends to a KV cache; the
-        total length must then fit in block_size. Without the cache every step reruns the whole (cropped) sequence.
+        Sampling follows Hugging Face's generate (order and semantics: gptkernels.sample): repetition_penalty (> 0,
+        1.0 = off) and no_repeat_ngram_size (>= 1) act on the whole history, prompt included; then temperature
+        (0 = greedy), top_k (the k most likely tokens), top_p (the smallest set reaching probability p) and min_p
+        (tokens at least min_p times as likely as the top one). Arguments are checked before the model runs.
+        With use_cache (default) the prompt is prefilled once and each step attends to a KV cache; the total length
+        must then fit in block_size. Without the cache every step reruns the whole (cropped) sequence.
         """
-        from gptkernels.sample import sample_next
+        from gptkernels.sample import Sampling
 
         if max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        try:
+            sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size)
+        except ValueError as e:
+            raise ValueError(f"generate: {e}") from None
         B, T = idx.shape
         if use_cache:
             total = T + max_new_tokens
@@ -473,15 +482,15 @@ class GPT(nn.Module):
             cache = self.make_cache(B, total)
             logits, _ = self(idx, cache=cache, last_only=True)
             for i in range(max_new_tokens):
-                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                nxt = sampling.sample(logits[:, -1, :], idx, generator)  # (B, 1)
                 idx = torch.cat([idx, nxt], dim=1)
                 if i + 1 < max_new_tokens:
                     logits, _ = self(nxt, cache=cache, last_only=True)
             return idx
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.block_size:]
+            ctx = idx[:, -self.config.block_size:]  # the model sees the cropped context; the history stays whole
             logits, _ = self(ctx, last_only=True)
-            idx = torch.cat([idx, sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)], dim=1)
+            idx = torch.cat([idx, sampling.sample(logits[:, -1, :], idx, generator)], dim=1)
         return idx
 
     # ------------------------------------------------------------------------------------------ Hugging Face
