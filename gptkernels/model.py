@@ -507,6 +507,12 @@ class GPT(nn.Module):
         if model_type not in _HF_CLASSES:
             raise ValueError(f"from_hf: model type {model_type or type(hf).__name__!r} is not supported; supported: "
                              f"{_hf_supported()}")
+        import transformers  # an object with a supported model_type comes from transformers
+
+        want = _HF_CLASSES[model_type]
+        if not isinstance(hf, getattr(transformers, want)):  # GPT2Model, GPT2ForSequenceClassification, ...
+            raise ValueError(f"from_hf: a {type(hf).__name__} is not a causal language model with the {model_type} "
+                             f"head; give a {want}")
         config, new = _HF_CONVERTERS[model_type](hc, hf.state_dict())
         model = cls(config, backend=backend)
         ours = model.state_dict()
@@ -548,16 +554,29 @@ def _hf_load(path):
     if not os.path.isdir(path) or not os.path.isfile(cfg):
         raise FileNotFoundError(f"from_hf: {path!r} is not a folder with a config.json (a saved Hugging Face "
                                 f"model); hub names are not fetched")
-    with open(cfg) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(cfg) as f:
+            hc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"from_hf: {cfg!r} is not readable JSON ({e})") from None
+    if not isinstance(hc, dict) or not hc.get("model_type"):
+        raise ValueError(f"from_hf: {cfg!r} names no model_type, so the model cannot be identified; supported: "
+                         f"{_hf_supported()}")
+    model_type = hc["model_type"]
     if model_type not in _HF_CLASSES:
-        raise ValueError(f"from_hf: {path!r} holds a model of type {model_type!r}, which is not supported; "
+        arch = hc.get("architectures")
+        arch = f" ({', '.join(map(str, arch))})" if isinstance(arch, list) and arch else ""
+        raise ValueError(f"from_hf: {path!r} holds a model of type {model_type!r}{arch}, which is not supported; "
                          f"supported: {_hf_supported()}")
     try:
         import transformers
     except ImportError as e:
         raise ImportError("from_hf with a path needs `pip install transformers`") from e
-    return getattr(transformers, _HF_CLASSES[model_type]).from_pretrained(path, local_files_only=True)
+    try:
+        return getattr(transformers, _HF_CLASSES[model_type]).from_pretrained(path, local_files_only=True)
+    except OSError as e:  # no or unreadable weight files: transformers' message names what it looked for
+        msg = " ".join(str(e).split())
+        raise FileNotFoundError(f"from_hf: the {model_type} model in {path!r} could not be loaded: {msg}") from e
 
 
 def _hf_activation(name, table=_HF_ACTIVATIONS):
