@@ -121,9 +121,10 @@ CHAINS = [
 ]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kw", CHAINS)
-def test_chain_equals_hf(kw):
-    logits, seq = _inputs(L=31, seed=5)
+def test_chain_equals_hf(kw, device):
+    logits, seq = (t.to(device) for t in _inputs(L=31, seed=5))
     _same(Sampling(**kw).process(logits, seq), _hf_chain(**kw)(seq, logits.clone()))
 
 
