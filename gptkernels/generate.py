@@ -3,6 +3,10 @@
     python -m gptkernels generate --model tiny --prompt "Hello" --max-new-tokens 64       # random weights
     python -m gptkernels generate --ckpt runs/<run> --prompt "ROMEO:" --temperature 0.8 --top-k 40
     python -m gptkernels generate --hf ./gpt2 --prompt-ids 464,3290 --temperature 0      # greedy
+    python -m gptkernels generate --ckpt runs/<run> --min-p 0.05 --repetition-penalty 1.2 --no-repeat-ngram-size 3
+
+Sampling follows Hugging Face's generate (gptkernels/sample.py): --repetition-penalty and --no-repeat-ngram-size act
+on the whole text, prompt included, then --temperature, --top-k, --top-p and --min-p, in that order.
 
 Weights: --model PRESET (random init from --seed), --hf PATH (a local Hugging Face GPT-2, GPT-1 or GPT-Neo
 folder), or --ckpt PATH
