@@ -3,6 +3,10 @@
     python -m gptkernels generate --model tiny --prompt "Hello" --max-new-tokens 64       # random weights
     python -m gptkernels generate --ckpt runs/<run> --prompt "ROMEO:" --temperature 0.8 --top-k 40
     python -m gptkernels generate --hf ./gpt2 --prompt-ids 464,3290 --temperature 0      # greedy
+    python -m gptkernels generate --ckpt runs/<run> --min-p 0.05 --repetition-penalty 1.2 --no-repeat-ngram-size 3
+
+Sampling follows Hugging Face's generate (gptkernels/sample.py): --repetition-penalty and --no-repeat-ngram-size act
+on the whole text, prompt included, then --temperature, --top-k, --top-p and --min-p, in that order.
 
 Weights: --model PRESET (random init from --seed), --hf PATH (a local Hugging Face GPT-2, GPT-1 or GPT-Neo
 folder), or --ckpt PATH
@@ -28,6 +32,11 @@ EOT_GPT2 = 50256  # GPT-2's <|endoftext|>, the usual empty prompt for its 50257-
 _STATE_KEYS = ("model", "model_state_dict", "state_dict")
 _CONFIG_KEYS = ("config", "model_config", "model_args")
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
+# GPTConfig fields that train sets apart from the preset (--block-size, --vocab-size, --dropout): a checkpoint of
+# preset P may differ from P in these and still be "--model P".
+_NOT_PRESET = ("block_size", "vocab_size", "dropout")
+# Sampling arguments that the CLI takes under a flag of the same name.
+_SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size")
 
 
 class GenerateError(ValueError):
@@ -45,9 +54,41 @@ def _strip_prefixes(state_dict):
     return out
 
 
-def load_checkpoint(path, backend=None):
+def check_preset(name, config, source):
+    """GenerateError unless config (of the weights in source) is the architecture of preset name: the fields that
+    train takes from the preset, all but _NOT_PRESET. The message names both and the preset that does match."""
+    from gptkernels.model import PRESETS, GPTConfig
+
+    try:
+        want = GPTConfig.preset(name)
+    except ValueError as e:
+        raise GenerateError(f"--model: {e}") from None
+    arch = [f for f in GPTConfig.__dataclass_fields__ if f not in _NOT_PRESET]
+    diff = [f for f in arch if getattr(config, f) != getattr(want, f)]
+    if not diff:
+        return
+    same = [p for p, c in PRESETS.items() if all(getattr(config, f) == getattr(c, f) for f in arch)]
+    raise GenerateError(
+        f"{source} holds a different model than --model {name}: "
+        + ", ".join(f"{f} {getattr(config, f)!r} (--model {name}: {getattr(want, f)!r})" for f in diff)
+        + (f"; it is the {same[0]} preset" if same else "") + "; leave --model out to use the weights' own config")
+
+
+def _state_dict_mismatch(ours, sd) -> str:
+    """Why sd does not load into a model whose state dict is ours, in one line (torch's message spans lines)."""
+    missing = [k for k in ours if sd.get(k) is None]
+    unexpected = [k for k in sd if k not in ours]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+              if sd.get(k) is not None and tuple(sd[k].shape) != tuple(v.shape)]
+    parts = [f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape file vs config", shapes))
+             if keys]
+    return "; ".join(parts)
+
+
+def load_checkpoint(path, backend=None, preset=None):
     """A GPT from a training checkpoint file or run folder (loaded with weights_only=True on the CPU). Returns
-    (model, info)."""
+    (model, info). With preset (an explicit --model), the checkpoint's config must be that preset's architecture."""
     from gptkernels.model import GPT, GPTConfig
     from gptkernels.train import CKPT_HINT, CheckpointError, checkpoint_path, torch_load
 
@@ -55,7 +96,9 @@ def load_checkpoint(path, backend=None):
         path = checkpoint_path(path, "--ckpt")
         obj = torch_load(path, "--ckpt")
     except (FileNotFoundError, CheckpointError) as e:
-        raise GenerateError(str(e)) from None
+        hf = os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+        raise GenerateError(str(e) + ("; it holds a config.json: a Hugging Face folder loads with --hf" if hf
+                                      else "")) from None
     if not isinstance(obj, dict):
         raise GenerateError(f"--ckpt {path!r}: expected a dict with 'model' and 'config', got {type(obj).__name__}; "
                             f"{CKPT_HINT}")
@@ -71,35 +114,45 @@ def load_checkpoint(path, backend=None):
         config = GPTConfig(**{k: v for k, v in cfg.items() if k in known})
     except (TypeError, ValueError) as e:
         raise GenerateError(f"--ckpt {path!r}: bad config {cfg!r}: {e}") from e
+    if preset is not None:
+        check_preset(preset, config, f"--ckpt {path!r}")
     model = GPT(config, backend=backend)
     ours = model.state_dict()
     sd = {k: v for k, v in _strip_prefixes(sd).items() if not (k.endswith(".attn.bias") and k not in ours)}
     sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight"))  # tied: some writers store it once
+    why = _state_dict_mismatch(ours, sd)
     try:
+        if why:
+            raise RuntimeError(why)
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise GenerateError(f"--ckpt {path!r}: the weights do not fit GPTConfig {config}: {e}") from e
+        raise GenerateError(f"--ckpt {path!r}: the weights do not fit its config {config}: "
+                            f"{why or ' '.join(str(e).split())}") from e
     extra = sorted(set(cfg) - known)
     info = {"iter": obj.get("iter", obj.get("step")), "ignored_config_keys": extra, "path": path}
     return model, info
 
 
-def load_model(model="tiny", hf=None, ckpt=None, backend=None, seed=0):
-    """(GPT on the CPU, source description, tokenizer or None) from one of a preset, --hf or --ckpt."""
+def load_model(model=None, hf=None, ckpt=None, backend=None, seed=0):
+    """(GPT on the CPU, source description, tokenizer or None) from one of a preset (default tiny), --hf or --ckpt.
+    A preset named together with --hf or --ckpt must be the architecture of those weights."""
     from gptkernels.model import GPT, GPTConfig
 
     if hf is not None and ckpt is not None:
         raise GenerateError("give one of --hf and --ckpt, not both")
     if ckpt is not None:
-        m, info = load_checkpoint(ckpt, backend)
+        m, info = load_checkpoint(ckpt, backend, preset=model)
         src = f"checkpoint {info['path']}" + (f" (iter {info['iter']})" if info["iter"] is not None else "")
         return m, src, None
     if hf is not None:
         try:
             m = GPT.from_hf(hf, backend=backend)
         except (FileNotFoundError, ImportError, ValueError) as e:
-            raise GenerateError(f"--hf {os.fspath(hf)!r}: {e}") from e
+            raise GenerateError(f"--hf {os.fspath(hf)!r}: {str(e).removeprefix('from_hf: ')}") from e
+        if model is not None:
+            check_preset(model, m.config, f"--hf {os.fspath(hf)!r}")
         return m, f"hf {os.fspath(hf)}", _hf_tokenizer(hf)
+    model = model or "tiny"
     try:
         config = GPTConfig.preset(model)
     except ValueError as e:
@@ -163,7 +216,8 @@ def decode_tokens(ids, vocab_size, tokenizer=None) -> str:
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser):
     src = parser.add_argument_group("weights (one of)")
-    src.add_argument("--model", default="tiny", help="preset with random weights (default tiny)")
+    src.add_argument("--model", default=None, help="preset with random weights (default tiny); with --ckpt or --hf, "
+                     "checks that the weights are this preset")
     src.add_argument("--hf", default=None, metavar="PATH",
                      help="a local Hugging Face GPT-2, GPT-1 (openai-gpt) or GPT-Neo "
                      "folder (no download)")
@@ -175,6 +229,13 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="keep the smallest set reaching probability p")
+    parser.add_argument("--min-p", type=float, default=None, help="keep tokens at least min-p times as likely as the "
+                        "most likely one (after --temperature)")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="divide the positive logits of tokens "
+                        "already in the text (prompt included) by this, multiply the negative ones (> 1 discourages "
+                        "repeats)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N", help="never repeat an "
+                        "N-gram of the text (prompt included)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, run as one batch")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (and random-weight init)")
     parser.add_argument("--no-cache", action="store_true", help="rerun the whole context every step (no KV cache)")
@@ -192,9 +253,17 @@ def generate_text(args) -> dict:
     from gptkernels import _runtime
     from gptkernels._dispatch import BACKENDS, BackendUnavailableError
     from gptkernels.profile import MODEL_OPS, backend_summary, backends_used
+    from gptkernels.sample import Sampling
 
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise GenerateError("need --max-new-tokens >= 0 and --num-samples >= 1")
+    sampling = {k: getattr(args, k, None) for k in _SAMPLING_FLAGS}
+    try:
+        Sampling(**sampling)  # before the model loads: a bad value fails in a moment
+    except ValueError as e:
+        msg = str(e)
+        name = next((k for k in _SAMPLING_FLAGS if msg.startswith(k + " ")), None)  # "<name> must be ..."
+        raise GenerateError(f"--{name.replace('_', '-')}{msg[len(name):]}" if name else msg) from None
     if args.backend is not None and args.backend not in BACKENDS:
         raise GenerateError(f"--backend {args.backend!r}: choose one of {', '.join(BACKENDS)} (or leave it out: auto)")
     try:
@@ -219,8 +288,7 @@ def generate_text(args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)  # on the CPU: the same draws for CPU and GPU runs
     t0 = time.perf_counter()
     try:
-        out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen,
-                             use_cache=not args.no_cache)
+        out = model.generate(idx, args.max_new_tokens, generator=gen, use_cache=not args.no_cache, **sampling)
     except (ValueError, BackendUnavailableError) as e:  # block_size exceeded, bad sampling arguments, a backend
         raise GenerateError(str(e)) from e  # that cannot run here: the message says which
     if device.type == "cuda":
@@ -254,7 +322,8 @@ def run(args) -> int:
     try:
         r = generate_text(args)
     except GenerateError as e:
-        print(f"gptkernels generate: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split())  # one line, whatever a wrapped library message holds
+        print(f"gptkernels generate: error: {msg}", file=sys.stderr)
         return 2
     for i, text in enumerate(r["texts"]):
         if len(r["texts"]) > 1:

@@ -453,17 +453,26 @@ class GPT(nn.Module):
     # --------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True):
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True, *,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
+                 no_repeat_ngram_size: int | None = None):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
-        temperature 0 is greedy. top_k keeps the k most likely tokens, top_p the smallest set whose probability
-        reaches p. With use_cache (default) the prompt is prefilled once and each step attends to a KV cache; the
-        total length must then fit in block_size. Without the cache every step reruns the whole (cropped) sequence.
+        Sampling follows Hugging Face's generate (order and semantics: gptkernels.sample): repetition_penalty (> 0,
+        1.0 = off) and no_repeat_ngram_size (>= 1) act on the whole history, prompt included; then temperature
+        (0 = greedy), top_k (the k most likely tokens), top_p (the smallest set reaching probability p) and min_p
+        (tokens at least min_p times as likely as the top one). Arguments are checked before the model runs.
+        With use_cache (default) the prompt is prefilled once and each step attends to a KV cache; the total length
+        must then fit in block_size. Without the cache every step reruns the whole (cropped) sequence.
         """
-        from gptkernels.sample import sample_next
+        from gptkernels.sample import Sampling
 
         if max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        try:
+            sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size)
+        except ValueError as e:
+            raise ValueError(f"generate: {e}") from None
         B, T = idx.shape
         if use_cache:
             total = T + max_new_tokens
@@ -473,15 +482,15 @@ class GPT(nn.Module):
             cache = self.make_cache(B, total)
             logits, _ = self(idx, cache=cache, last_only=True)
             for i in range(max_new_tokens):
-                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                nxt = sampling.sample(logits[:, -1, :], idx, generator)  # (B, 1)
                 idx = torch.cat([idx, nxt], dim=1)
                 if i + 1 < max_new_tokens:
                     logits, _ = self(nxt, cache=cache, last_only=True)
             return idx
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.block_size:]
+            ctx = idx[:, -self.config.block_size:]  # the model sees the cropped context; the history stays whole
             logits, _ = self(ctx, last_only=True)
-            idx = torch.cat([idx, sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)], dim=1)
+            idx = torch.cat([idx, sampling.sample(logits[:, -1, :], idx, generator)], dim=1)
         return idx
 
     # ------------------------------------------------------------------------------------------ Hugging Face
@@ -498,6 +507,12 @@ class GPT(nn.Module):
         if model_type not in _HF_CLASSES:
             raise ValueError(f"from_hf: model type {model_type or type(hf).__name__!r} is not supported; supported: "
                              f"{_hf_supported()}")
+        import transformers  # an object with a supported model_type comes from transformers
+
+        want = _HF_CLASSES[model_type]
+        if not isinstance(hf, getattr(transformers, want)):  # GPT2Model, GPT2ForSequenceClassification, ...
+            raise ValueError(f"from_hf: a {type(hf).__name__} is not a causal language model with the {model_type} "
+                             f"head; give a {want}")
         config, new = _HF_CONVERTERS[model_type](hc, hf.state_dict())
         model = cls(config, backend=backend)
         ours = model.state_dict()
@@ -539,16 +554,29 @@ def _hf_load(path):
     if not os.path.isdir(path) or not os.path.isfile(cfg):
         raise FileNotFoundError(f"from_hf: {path!r} is not a folder with a config.json (a saved Hugging Face "
                                 f"model); hub names are not fetched")
-    with open(cfg) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(cfg) as f:
+            hc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"from_hf: {cfg!r} is not readable JSON ({e})") from None
+    if not isinstance(hc, dict) or not hc.get("model_type"):
+        raise ValueError(f"from_hf: {cfg!r} names no model_type, so the model cannot be identified; supported: "
+                         f"{_hf_supported()}")
+    model_type = hc["model_type"]
     if model_type not in _HF_CLASSES:
-        raise ValueError(f"from_hf: {path!r} holds a model of type {model_type!r}, which is not supported; "
+        arch = hc.get("architectures")
+        arch = f" ({', '.join(map(str, arch))})" if isinstance(arch, list) and arch else ""
+        raise ValueError(f"from_hf: {path!r} holds a model of type {model_type!r}{arch}, which is not supported; "
                          f"supported: {_hf_supported()}")
     try:
         import transformers
     except ImportError as e:
         raise ImportError("from_hf with a path needs `pip install transformers`") from e
-    return getattr(transformers, _HF_CLASSES[model_type]).from_pretrained(path, local_files_only=True)
+    try:
+        return getattr(transformers, _HF_CLASSES[model_type]).from_pretrained(path, local_files_only=True)
+    except OSError as e:  # no or unreadable weight files: transformers' message names what it looked for
+        msg = " ".join(str(e).split())
+        raise FileNotFoundError(f"from_hf: the {model_type} model in {path!r} could not be loaded: {msg}") from e
 
 
 def _hf_activation(name, table=_HF_ACTIVATIONS):

@@ -192,3 +192,130 @@ def test_cli_dtype_runs_the_model_in_that_dtype(capsys, monkeypatch):
         rc, out, err = _run(capsys, "--model", "tiny", "--prompt", "abc", "--max-new-tokens", "4", "--dtype", name)
         assert rc == 0, err
         assert seen[-1] == dtype and f"cpu {str(dtype)[6:]}" in out.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------ sampling flags (CLI)
+def _error_line(err):
+    """The CLI's one error line: no traceback, nothing else of ours on stderr."""
+    assert "Traceback" not in err
+    ours = [line for line in err.splitlines() if line.startswith("gptkernels generate: error: ")]
+    assert len(ours) == 1, err
+    return ours[0]
+
+
+def _generate(*argv):
+    from gptkernels.cli import build_parser
+
+    return gen_cli.generate_text(build_parser().parse_args(["generate", "--device", "cpu", *argv]))
+
+
+def test_cli_processors_match_model_generate(tmp_path):
+    config = GPTConfig.preset("tiny", block_size=64)
+    model = GPT(config).eval()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "config": config.to_dict()}, path)
+    prompt = torch.tensor([list(b"abab")])
+    greedy = dict(temperature=0.0, repetition_penalty=1.5, no_repeat_ngram_size=2)
+    sampled = dict(temperature=0.8, min_p=0.2, top_k=30, repetition_penalty=1.2)
+    for flags, kw in (
+        (["--temperature", "0", "--repetition-penalty", "1.5", "--no-repeat-ngram-size", "2"], greedy),
+        (["--temperature", "0.8", "--min-p", "0.2", "--top-k", "30", "--repetition-penalty", "1.2", "--seed", "4"],
+         dict(sampled, generator=torch.Generator().manual_seed(4))),
+    ):
+        ids = _generate("--ckpt", str(path), "--prompt", "abab", "--max-new-tokens", "12", *flags)["ids"][0]
+        assert ids == model.generate(prompt, 12, **kw)[0].tolist()
+    ids = _generate("--ckpt", str(path), "--prompt", "abab", "--max-new-tokens", "20", "--temperature", "0",
+                    "--no-repeat-ngram-size", "2")["ids"][0]
+    pairs = list(zip(ids, ids[1:]))
+    assert len(pairs) == len(set(pairs)) + 1, "only the prompt's own (a, b) may repeat"
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--min-p", "1.5"], "--min-p must be in [0, 1] or None, got 1.5"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
+    (["--no-repeat-ngram-size", "0"], "--no-repeat-ngram-size must be an int >= 1"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+])
+def test_cli_bad_sampling_values_fail_before_loading(capsys, monkeypatch, flags, msg):
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the sampling arguments were checked")
+
+    monkeypatch.setattr(gen_cli, "load_model", no_load)
+    rc, _, err = _run(capsys, "--model", "tiny", *flags)
+    assert rc == 2 and msg in _error_line(err)
+
+
+# --------------------------------------------------------------------------------------- weights that do not fit
+def test_cli_ckpt_and_a_different_model_name_both(capsys, tmp_path):
+    config = GPTConfig.preset("tiny", block_size=64)  # block_size differs from tiny's: train's --block-size may
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": GPT(config).state_dict(), "config": config.to_dict()}, path)
+    rc, _, err = _run(capsys, "--ckpt", str(path), "--model", "mini", "--max-new-tokens", "2")
+    line = _error_line(err)
+    assert rc == 2 and str(path) in line and "--model mini" in line
+    assert "n_layer 2 (--model mini: 4)" in line and "n_embd 64 (--model mini: 128)" in line
+    assert "it is the tiny preset" in line and "leave --model out" in line
+    rc, _, err = _run(capsys, "--ckpt", str(path), "--model", "tiny", "--max-new-tokens", "2")
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "--ckpt", str(path), "--model", "tinny")
+    assert rc == 2 and "unknown model preset 'tinny'" in _error_line(err)
+
+
+def test_cli_ckpt_weights_that_do_not_fit_their_config_one_line(capsys, tmp_path):
+    big = GPT(GPTConfig.preset("mini", block_size=64)).state_dict()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": big, "config": GPTConfig.preset("tiny", block_size=64).to_dict()}, path)
+    rc, _, err = _run(capsys, "--ckpt", str(path))
+    line = _error_line(err)
+    assert rc == 2 and "the weights do not fit its config" in line
+    assert "unexpected (" in line and "transformer.h.2." in line and "shape file vs config" in line
+
+
+def test_cli_ckpt_given_a_hugging_face_folder(capsys, hf_folder):
+    rc, _, err = _run(capsys, "--ckpt", str(hf_folder))
+    assert rc == 2 and "a Hugging Face folder loads with --hf" in _error_line(err)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_from_hf_other_model_types_named(capsys, tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg = transformers.BertConfig(**small) if kind == "bert" else transformers.LlamaConfig(**small)
+    cfg.save_pretrained(tmp_path)  # a config folder is enough: the type is read before any weights
+    supported = r"supported: openai-gpt \(OpenAIGPTLMHeadModel\), gpt2 \(GPT2LMHeadModel\), gpt_neo"
+    with pytest.raises(ValueError, match=f"type '{kind}'.*not supported; {supported}"):
+        GPT.from_hf(tmp_path)
+    rc, _, err = _run(capsys, "--hf", str(tmp_path), "--max-new-tokens", "2")
+    line = _error_line(err)
+    assert rc == 2 and f"--hf '{tmp_path}'" in line and f"type '{kind}'" in line and "gpt2 (GPT2LMHeadModel)" in line
+
+
+def test_from_hf_unreadable_folders(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not readable JSON"):
+        GPT.from_hf(bad)
+    (bad / "config.json").write_text('{"vocab_size": 5}')
+    with pytest.raises(ValueError, match="names no model_type.*supported: openai-gpt"):
+        GPT.from_hf(bad)
+    no_weights = tmp_path / "no_weights"
+    # bos/eos inside the small vocabulary: transformers would log a warning about them otherwise
+    transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                            eos_token_id=0).save_pretrained(no_weights)
+    with pytest.raises(FileNotFoundError, match="the gpt2 model in .* could not be loaded"):
+        GPT.from_hf(no_weights)
+    rc, _, err = _run(capsys, "--hf", str(no_weights))
+    assert rc == 2 and "could not be loaded" in _error_line(err)
+    base = transformers.GPT2Model(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1,
+                                                          n_head=2))
+    with pytest.raises(ValueError, match="a GPT2Model is not a causal language model.*give a GPT2LMHeadModel"):
+        GPT.from_hf(base)
+
+
+def test_cli_hf_and_a_different_model(capsys, hf_folder):
+    rc, _, err = _run(capsys, "--hf", str(hf_folder), "--model", "gpt2", "--prompt-ids", "5")
+    line = _error_line(err)
+    assert rc == 2 and "--model gpt2" in line and "n_layer 2 (--model gpt2: 12)" in line
