@@ -527,7 +527,8 @@ def _register_loss():
         default_modes=("fwd+bwd",),
     ), replace=True)
     register_op(OpSpec(
-        name="linear_cross_entropy", summary="cross_entropy(h @ W^T, target): the LM head and its loss, (N, C) x (V, C)",
+        name="linear_cross_entropy",
+        summary="cross_entropy(h @ W^T, target): the LM head and its loss, (N, C) x (V, C)",
         module="gptkernels.ops.cross_entropy", shape=_lce_shape, make_inputs=_lce_inputs,
         grad_inputs=("h", "weight"), ref=_lce_ref, eager=_lce_eager, kernel=_lce_kernel,
         flops={"fwd": _lce_flops(1), "bwd": _lce_flops(2)},
