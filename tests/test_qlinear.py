@@ -218,6 +218,12 @@ def test_bad_inputs():
         quantize_weight(torch.full((2, 32), float("nan")), 8)
     with pytest.raises(ArgumentError, match="calibrate must be None or one of 'absmax', 'mse', got 'percentile'"):
         quantize_weight(w, 8, calibrate="percentile")
+    with pytest.raises(ArgumentError, match="quantize: bits must be 4 or 8, got 3"):
+        gptkernels.quantize(torch.nn.Linear(96, 16), bits=3)
+    with pytest.raises(ArgumentError, match="QuantizedLinear: K = 96 .* not divisible by group_size 64"):
+        QuantizedLinear(96, 16, bits=8, group_size=64)
+    with pytest.raises(ArgumentError, match="QuantizedLinear: bits must be 4 or 8"):
+        QuantizedLinear(96, 16, bits=2)
     with pytest.raises(ArgumentError, match="quantize: calibrate must be"):
         gptkernels.quantize(torch.nn.Linear(96, 16), calibrate="gptq", dry_run=True)
     q, s = quantize_weight(w, 8, 32)
