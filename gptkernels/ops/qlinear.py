@@ -116,7 +116,8 @@ def quantize_weight(w, bits=8, group_size=None, calibrate=None):
                 weights from 9.7% to 8.6% (768x768, ||dequant - w|| / ||w||).
             "mse": per group, the scale among ratio * (the absmax scale), ratio in :func:`_mse_grid` (qmax+1)/qmax,
                 1.0, 0.98, ..., 0.70, with the least squared reconstruction error: clipping a group's tails buys a
-                finer step for the rest. 17 passes over w, vectorised over groups; int4 g32 Gaussian: 8.2%.
+                finer step for the rest. 17 passes over w, vectorised over groups; int4 g32 Gaussian: 8.2%. Costs
+                0.41 s for a 3072x768 weight vs absmax's 0.036 s (1 thread, load 3.8).
 
     Returns:
         (qweight, scales): int8 (N, K) or uint8 (N, K // 2) (int4, nibble order in the module docstring); scales
