@@ -224,6 +224,11 @@ def test_bad_inputs():
         QuantizedLinear(96, 16, bits=8, group_size=64)
     with pytest.raises(ArgumentError, match="QuantizedLinear: bits must be 4 or 8"):
         QuantizedLinear(96, 16, bits=2)
+    grouped = QuantizedLinear.from_float(torch.nn.Linear(96, 16), bits=8, group_size=32)
+    sd = grouped.state_dict()
+    sd["scales"] = torch.ones(16, 2)  # a state dict whose scales do not fit the layer's groups
+    with pytest.raises(RuntimeError, match=r"size mismatch for scales.*\[16, 2\].*\[16, 3\]"):
+        grouped.load_state_dict(sd)
     with pytest.raises(ArgumentError, match="quantize: calibrate must be"):
         gptkernels.quantize(torch.nn.Linear(96, 16), calibrate="gptq", dry_run=True)
     q, s = quantize_weight(w, 8, 32)
