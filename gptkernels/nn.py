@@ -97,7 +97,7 @@ class QuantizedLinear(torch.nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
-    def from_float(cls, layer, bits=8, group_size=None, clip="absmax", backend=None, name=None):
+    def from_float(cls, layer, bits=8, group_size=None, calibrate=None, backend=None, name=None):
         """A QuantizedLinear holding ``layer``'s weight (nn.Linear (N, K), or HF Conv1D (K, N)) quantized with
         :func:`gptkernels.quantize_weight`, and a copy of its bias. On the layer's device; ``layer`` is unchanged."""
         w = layer.weight.t() if type(layer).__name__ == "Conv1D" else layer.weight  # (N, K)
@@ -105,7 +105,7 @@ class QuantizedLinear(torch.nn.Module):
         bias = getattr(layer, "bias", None)
         m = cls(k, n, bias is not None, bits, group_size, device=w.device,
                 bias_dtype=bias.dtype if bias is not None else torch.float32, backend=backend)
-        q, s = quantize_weight(w, bits, group_size, clip)
+        q, s = quantize_weight(w, bits, group_size, calibrate)
         m.qweight, m.scales = q, s
         if bias is not None:
             m.bias = bias.detach().clone()

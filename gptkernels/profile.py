@@ -215,13 +215,27 @@ def _peak_cpu_alloc_bytes(fn) -> int:
     return peak
 
 
+def _weight_tensors(model):
+    """Every parameter and buffer once (the tied lm_head / wte weight counts once): a quantized model's weights are
+    buffers (qweight, scales, bias)."""
+    seen = set()
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            yield t
+
+
 def _param_bytes(model) -> int:
-    seen, n = set(), 0
-    for p in model.parameters():  # the tied lm_head / wte weight counts once
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            n += p.numel() * p.element_size()
-    return n
+    return sum(t.numel() * t.element_size() for t in _weight_tensors(model))
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once, less the embedding tables a step only
+    gathers B rows of (wpe; wte too unless lm_head shares it, as GPT's does, and reads it in full)."""
+    gathered = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    gathered -= {m.weight.data_ptr() for m in model.modules()
+                 if not isinstance(m, torch.nn.Embedding) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in _weight_tensors(model) if t.data_ptr() not in gathered)
 
 
 # Every provider's model and KV cache stay allocated for the whole run (a CUDA graph holds the cache's addresses), so
@@ -231,6 +245,13 @@ CPU_MEM_METHOD = ("weights + KV cache + peak CPU-allocator bytes above them duri
 CUDA_MEM_METHOD = ("weights + KV cache + (torch.cuda.max_memory_allocated - memory_allocated before the run), the "
                    "largest over the timed runs; +graphs rows add the graph's private pool (memory_reserved growth "
                    "during capture), which replays use without allocating")
+
+WEIGHT_BW_METHOD = ("weight_bytes_per_token = bytes of the weights a decode step reads (every parameter and buffer "
+                    "once, less embedding tables it only gathers rows of; quantized layers: qweight + scales + bias) "
+                    "/ batch; weight_gbps = those bytes / decode p50 time per token; pct_copy_ceiling = weight_gbps "
+                    "/ the copy ceiling measured in the same run (gptkernels.bench.roofline, quick: 2 x 64 MiB on "
+                    "CPU, p20). The KV cache and activations are not counted; on CPU weights that fit in cache can "
+                    "pass 100%")
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -278,7 +299,7 @@ def load_weights(model="gpt2", hf=None, block_size=None, seed=0):
     return config, GPT(config, backend="torch").state_dict(), f"random init (seed {seed})"
 
 
-def _build(provider, config, state_dict, device, dtype):
+def _build(provider, config, state_dict, device, dtype, calibrate=None):
     from gptkernels.model import GPT
 
     base = provider.removesuffix(GRAPHS_SUFFIX)
@@ -288,7 +309,7 @@ def _build(provider, config, state_dict, device, dtype):
     if base in QUANTIZED:
         from gptkernels.quantize import quantize
 
-        quantize(model, *QUANTIZED[base])
+        quantize(model, *QUANTIZED[base], calibrate=calibrate)
     if base == "compile":
         return model, torch.compile(model)
     return model, model
@@ -305,7 +326,7 @@ def _r(x, nd=4):
 # ------------------------------------------------------------------------------------------------ profile
 def profile(model="gpt2", batch=1, prompt_len=128, new_tokens=128, providers=PROVIDERS, device=None, dtype=None,
             repeats=3, warmup=1, cuda_graphs=False, trace=None, trace_provider=None, seed=0, hf=None,
-            block_size=None, json_path=None, threads=None, argv=None, log=None) -> dict:
+            block_size=None, json_path=None, threads=None, argv=None, log=None, calibrate=None) -> dict:
     """Profile greedy generation for each provider; returns the result dict (also written to json_path).
 
     model: a preset name or a GPTConfig (random weights), unless hf names a local Hugging Face GPT-2 / GPT-1 /
@@ -314,6 +335,7 @@ def profile(model="gpt2", batch=1, prompt_len=128, new_tokens=128, providers=PRO
     trace: a path for a torch.profiler Chrome/Perfetto trace of one prefill and a few decode steps of
         trace_provider (default: gptkernels if profiled, else the first provider).
     threads: torch.set_num_threads for the run (the CPU kernels' OpenMP pool follows it); None keeps the default.
+    calibrate: the int8 / int4 rows' scale choice, as gptkernels.quantize (None: absmax; "mse").
     log: a callable for progress lines (None: silent).
     """
     if threads is not None and threads < 1:
@@ -322,13 +344,13 @@ def profile(model="gpt2", batch=1, prompt_len=128, new_tokens=128, providers=PRO
     torch.set_num_threads(threads or before)
     try:
         return _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, repeats, warmup, cuda_graphs,
-                        trace, trace_provider, seed, hf, block_size, json_path, argv, log)
+                        trace, trace_provider, seed, hf, block_size, json_path, argv, log, calibrate)
     finally:
         torch.set_num_threads(before)
 
 
 def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, repeats, warmup, cuda_graphs, trace,
-             trace_provider, seed, hf, block_size, json_path, argv, log):
+             trace_provider, seed, hf, block_size, json_path, argv, log, calibrate=None):
     from gptkernels.bench.env import fingerprint
 
     say = log or (lambda msg: None)
@@ -338,6 +360,8 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
     if bad or not providers:
         raise ProfileError(f"unknown provider(s) {', '.join(bad) or '(none given)'}; "
                            f"choose from {', '.join((*PROVIDERS, *QUANTIZED))}")
+    if calibrate not in (None, "absmax", "mse"):
+        raise ProfileError(f"--calibrate must be absmax or mse, got {calibrate!r}")
     if cuda_graphs:
         if device.type != "cuda":
             raise ProfileError(f"--cuda-graphs needs a CUDA device; this run is on {device} (CUDA graphs capture GPU "
@@ -360,7 +384,7 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
     for p in providers:
         row = rows[p] = {"provider": p, "status": "ok", "error": None}
         try:
-            model_, fwd = _build(p, config, state_dict, device, dtype)
+            model_, fwd = _build(p, config, state_dict, device, dtype, calibrate)
             r = runners[p] = _Runner(p, model_, batch, prompt_len, new_tokens, graphs=p.endswith(GRAPHS_SUFFIX))
             r.fwd = fwd
             r.make_cache()
@@ -402,6 +426,10 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
                 except Exception as e:
                     rows[p].update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
             say(f"repeat {rep + 1}/{repeats} done")
+        from gptkernels.bench.roofline import measure
+
+        say("measuring the copy ceiling ...")
+        ceiling = measure(device, quick=True)
         for p in list(runners):
             if rows[p]["status"] != "ok":
                 runners.pop(p)
@@ -419,6 +447,8 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
         dec = s["decode"]
         mean = float(np.mean(dec))
         weights_b, kv_b = _param_bytes(r.model), r.cache.nbytes()
+        read_b = weight_bytes_per_step(r.model)
+        gbps = read_b / (_percentile(dec, 50) * 1e-3) / 1e9  # per step = per token (B tokens, B x the bytes / B)
         # A graph row against the same model run step by step: the same kernels, so the same tokens.
         base = p.removesuffix(GRAPHS_SUFFIX)
         match_step = bool(torch.equal(tokens[p], tokens[base])) if p != base and base in tokens else None
@@ -440,6 +470,9 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
             "weights_mb": _r(weights_b / 2**20, 2),
             "kv_cache_mb": _r(kv_b / 2**20, 2),
             "activations_peak_mb": None if s["mem"] is None else _r(s["mem"] / 2**20, 2),
+            "weight_bytes_per_token": _r(read_b / batch, 1),
+            "weight_gbps": _r(gbps, 3),
+            "pct_copy_ceiling": _r(100 * gbps / ceiling["copy_gbps"], 1),
             "warmup_s": _r(r.warmup_s, 3),
             "tokens_match_eager": None if ref is None else bool(torch.equal(tokens[p], ref)),
             "tokens_match_step_by_step": match_step,
@@ -466,10 +499,13 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
         "repeats": repeats,
         "warmup_runs": warmup,
         "cuda_graphs": cuda_graphs,
+        "calibrate": calibrate,
         "decoding": "greedy (argmax), KV cache; a decode step = forward of (B, 1) + argmax",
         "timing": ("cuda events per step, one synchronize per run" if device.type == "cuda"
                    else "time.perf_counter per step (CPU kernels are synchronous)"),
         "peak_mem_method": CUDA_MEM_METHOD if device.type == "cuda" else CPU_MEM_METHOD,
+        "weight_bandwidth_method": WEIGHT_BW_METHOD,
+        "ceiling": {k: ceiling[k] for k in ("copy_gbps", "copy_bytes", "copy_ms", "copy_formula", "timer")},
         "env": fingerprint(device, argv),
         "rows": [rows[p] for p in providers],
         "trace": None,
@@ -525,8 +561,8 @@ def format_table(result: dict) -> str:
             f"{result['dtype']} on {result['env']['device_name'] or result['device']}  ({result['weights']}, "
             f"{result['repeats']} repeat{'s' if result['repeats'] != 1 else ''}, "
             f"{_runtime.threads_text(result['env']['torch_threads'])})")
-    cols = ("provider", "backend", "prefill ms", "decode p50", "p90", "p99", "p50 tok/s", "peak MB", "x eager pre",
-            "x eager dec", "same tokens")
+    cols = ("provider", "backend", "prefill ms", "decode p50", "p90", "p99", "p50 tok/s", "peak MB", "wt MB/tok",
+            "% copy BW", "x eager pre", "x eager dec", "same tokens")
     lines = [head, "  ".join(f"{c:>11}" if i > 1 else f"{c:<16}" if i == 0 else f"{c:<8}" for i, c in enumerate(cols))]
 
     def f(x, nd=3):
@@ -538,10 +574,13 @@ def format_table(result: dict) -> str:
             continue
         same = "-" if row["tokens_match_eager"] is None else ("yes" if row["tokens_match_eager"] else "NO")
         vals = (f(row["prefill_ms"]), f(row["decode_ms_p50"]), f(row["decode_ms_p90"]), f(row["decode_ms_p99"]),
-                f(row["tokens_per_s"], 1), f(row["peak_mem_mb"], 1), f(row["speedup_prefill_vs_eager"], 2),
+                f(row["tokens_per_s"], 1), f(row["peak_mem_mb"], 1), f(row["weight_bytes_per_token"] / 1e6, 3),
+                f(row["pct_copy_ceiling"], 1), f(row["speedup_prefill_vs_eager"], 2),
                 f(row["speedup_decode_vs_eager"], 2), same)
         lines.append(f"{row['provider']:<16}  {row['backend']:<8}  " + "  ".join(f"{v:>11}" for v in vals))
     lines.append(f"peak memory: {result['peak_mem_method']}")
+    lines.append(f"% copy BW: weight bytes per token / decode p50 per token, against the copy ceiling of this run, "
+                 f"{result['ceiling']['copy_gbps']:.1f} GB/s (KV cache not counted)")
     if result.get("trace"):
         lines.append(f"trace ({result['trace']['provider']}): {result['trace']['path']}")
     return "\n".join(lines)
@@ -565,6 +604,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--quantize", default=None, metavar="int8,int4",
                         help="add rows for weight-only quantized models (int8 per channel, int4 groups of 128; "
                         "lm_head stays float)")
+    parser.add_argument("--calibrate", default=None, choices=("absmax", "mse"),
+                        help="the quantized rows' scales: absmax (default) or mse (per-group clip search)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per provider (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per provider first (default 1)")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -588,7 +629,7 @@ def run(args) -> int:
         result = profile(args.model, args.batch, args.prompt_len, args.new_tokens, providers, args.device,
                          args.dtype, args.repeats, args.warmup, args.cuda_graphs, args.trace, args.trace_provider,
                          args.seed, args.hf, args.block_size, args.json, args.threads, argv=argv,
-                         log=lambda m: print(m, file=sys.stderr, flush=True))
+                         log=lambda m: print(m, file=sys.stderr, flush=True), calibrate=args.calibrate)
     except ProfileError as e:
         print(f"gptkernels profile: error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ import torch
 from gptkernels import _dispatch
 from gptkernels.nn import QuantizedLinear, QuantizedMLP
 from gptkernels.nn_mlp import FusedMLP
-from gptkernels.ops.qlinear import _check_format, quantize_weight  # noqa: F401  (quantize_weight: re-exported)
+from gptkernels.ops.qlinear import _check_calibrate, _check_format, quantize_weight  # noqa: F401  (quantize_weight: re-exported)
 from gptkernels.patch import EntryReport
 
 _Err = _dispatch.ArgumentError
@@ -61,6 +61,7 @@ class QuantizeReport(EntryReport):
     entries: list[QuantizeEntry]
     bits: int = 8
     group_size: int | None = None
+    calibrate: str | None = None
     dry_run: bool = False
     title: str = "gptkernels.quantize"
 
@@ -89,7 +90,7 @@ class QuantizeReport(EntryReport):
         return out
 
     def __str__(self):
-        fmt = _format_name(self.bits, self.group_size)
+        fmt = _format_name(self.bits, self.group_size) + (f", calibrate={self.calibrate}" if self.calibrate else "")
         verb = "would quantize" if self.dry_run else "quantized"
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else 0.0
         head = (f"{self.title}: {len(self.quantized)} {verb}, {len(self.skipped)} skipped ({fmt}); their weights "
@@ -226,7 +227,7 @@ def _restore_patched_parent(model, name, dry_run, restored):
 
 
 # ------------------------------------------------------------------------------------------------- public
-def quantize(model, bits=8, group_size=None, skip=("lm_head",), dry_run=False, *, clip="absmax", backend=None,
+def quantize(model, bits=8, group_size=None, skip=("lm_head",), dry_run=False, *, calibrate=None, backend=None,
              _layout=None) -> QuantizeReport:
     """Quantize ``model``'s linear layers in place (weight-only; activations stay float). Returns the report.
 
@@ -238,7 +239,8 @@ def quantize(model, bits=8, group_size=None, skip=("lm_head",), dry_run=False, *
         skip: qualified names (or their last components, or fnmatch patterns) left float. Default ("lm_head",):
             GPT-2's lm_head shares its weight with the token embedding.
         dry_run: report only; the model is not changed.
-        clip: "absmax" or "mse", as :func:`gptkernels.quantize_weight`.
+        calibrate: None / "absmax" (each group's largest-magnitude weight sets its scale) or "mse" (per group, the
+            clip ratio with the least squared error), as :func:`gptkernels.quantize_weight`.
         backend: for every QuantizedLinear; None inherits the ``backend`` attribute of the layer's parent module
             when it has one (gptkernels.model.GPT's modules do), else automatic.
 
@@ -246,6 +248,7 @@ def quantize(model, bits=8, group_size=None, skip=("lm_head",), dry_run=False, *
         QuantizeReport: entries (name, type, action, format, bytes_before, bytes_after, reason); ``print(report)``.
     """
     _check_format("quantize", bits, group_size)
+    _check_calibrate("quantize", calibrate)
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip or ())
@@ -298,7 +301,7 @@ def quantize(model, bits=8, group_size=None, skip=("lm_head",), dry_run=False, *
                                         bias_dtype=b.dtype if b is not None else torch.float32, backend=be)
                     q.name = lname
                 else:
-                    q = QuantizedLinear.from_float(layer, lbits, lgroup, clip, backend=be, name=lname)
+                    q = QuantizedLinear.from_float(layer, lbits, lgroup, calibrate, backend=be, name=lname)
                 q.train(layer.training)
                 new_layers[lname] = q
         if dry_run or not new_layers:
@@ -316,7 +319,7 @@ def quantize(model, bits=8, group_size=None, skip=("lm_head",), dry_run=False, *
                 setattr(parent, child, qm)
             else:
                 raise _Err("quantize: the model itself is a FusedMLP; quantize a module that holds it")
-    return QuantizeReport(entries, bits=bits, group_size=group_size, dry_run=dry_run)
+    return QuantizeReport(entries, bits=bits, group_size=group_size, calibrate=calibrate, dry_run=dry_run)
 
 
 def _layout_of(state_dict):

@@ -20,6 +20,14 @@ relative, well inside the fp32 bound; pass no labels for a ground truth that is 
 and compares the loss curves, per step: |cand - truth| <= 2 * |ref - truth| + (1e-5 relative in fp32, 1 ulp in
 fp16/bf16): training compounds rounding, so each step is held to twice the reference's own drift from float64.
 
+``quantized=True`` checks a weight-only quantized model (:func:`gptkernels.quantize`) against its float original
+instead: quantization changes the function on purpose, so the rows are the relative error of each output against the
+float64 original, ||cand - truth|| / ||truth||, held to a looser bound (:data:`QUANTIZED_BOUNDS`: 1e-2 when every
+quantized layer is int8, 5e-2 when any is int4; ``bound=`` overrides), and the report adds the greedy-token agreement:
+the share of positions where argmax of the candidate's logits is the float64 original's. No gradient rows and no
+training steps: quantized layers have no backward. On random-init weights int4 g32 measures 6-12% (see
+tests/test_qlinear.py's LOGITS_BOUNDS for why), so the 5e-2 bound is one a trained model may meet, not a random one.
+
 The models passed in are not modified: verify works on deep copies.
 """
 
@@ -32,6 +40,9 @@ import math
 import torch
 
 from gptkernels._tolerance import LOW_PRECISION, judge, max_err
+
+# quantized=True: relative error of each output against the float64 float model, by the narrowest quantized layer.
+QUANTIZED_BOUNDS = {8: 1e-2, 4: 5e-2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +68,11 @@ class VerifyReport:
     dtype: torch.dtype
     steps: int = 0
     loss_source: str = ""
+    # quantized=True only: the bits of the candidate's quantized layers, the relative bound, and the share of
+    # positions whose argmax token matches the float64 original's.
+    quantized_bits: tuple[int, ...] = ()
+    bound: float | None = None
+    token_agreement: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -70,12 +86,22 @@ class VerifyReport:
         return self.ok
 
     def __str__(self):
+        if self.quantized_bits:
+            return self._table(
+                f"gptkernels.verify (quantized, {'/'.join(f'int{b}' for b in self.quantized_bits)}): "
+                f"{'OK' if self.ok else 'FAILED'} ({len(self.rows) - len(self.failures)}/{len(self.rows)} outputs "
+                f"within bounds; {str(self.dtype).replace('torch.', '')} quantized model vs its float original in "
+                f"float64; rel err <= {self.bound:g}; greedy tokens agree at "
+                + ("-" if self.token_agreement is None else f"{100 * self.token_agreement:.1f}%") + " of positions)")
         rule = ("max abs err <= max(2 x ref err, 2 ulps) + 1e-5 and rel err <= 2 x ref rel err + 2 eps/sqrt(n_eff)"
                 if self.dtype in LOW_PRECISION else "rel err <= 1e-5")
         head = (f"gptkernels.verify: {'OK' if self.ok else 'FAILED'} ({len(self.rows) - len(self.failures)}/"
                 f"{len(self.rows)} tensors within bounds; {str(self.dtype).replace('torch.', '')} vs a float64 "
                 f"reference; {rule}; gradients from {self.loss_source}"
                 f"{f'; {self.steps} training steps' if self.steps else ''})")
+        return self._table(head)
+
+    def _table(self, head):
         cols = ("tensor", "max_abs_err", "rel_err", "ref_max_abs_err", "err", "bound", "ok")
         rows = [(r.name, f"{r.max_abs:.2e}", f"{r.rel:.2e}", f"{r.ref_max_abs:.2e}", f"{r.err:.2e}", f"{r.bound:.2e}",
                  ("ok" if r.ok else "FAIL") + (f" ({r.note})" if r.note else "")) for r in self.rows]
@@ -194,7 +220,7 @@ def _make_optimizer(name, params, lr):
 
 
 def verify(reference, candidate, batch, steps=0, dtype=None, *, optimizer="adamw", lr=1e-3, train=False,
-           seed=0) -> VerifyReport:
+           seed=0, quantized=False, bound=None) -> VerifyReport:
     """Compare ``candidate`` with ``reference`` on ``batch``: outputs, loss, every parameter gradient, and optionally
     the loss curve of ``steps`` training steps.
 
@@ -208,10 +234,18 @@ def verify(reference, candidate, batch, steps=0, dtype=None, *, optimizer="adamw
         optimizer: "adamw" or "sgd" for ``steps``; lr: its learning rate.
         train: run the copies in train mode (dropout on: only meaningful with dropout 0); default eval mode.
         seed: torch's seed before every forward (same dropout draws where the implementations share an RNG).
+        quantized: ``candidate`` is ``reference`` after :func:`gptkernels.quantize`: compare outputs only, with the
+            relative bound of :data:`QUANTIZED_BOUNDS` (or ``bound``), and report greedy-token agreement (module
+            docstring). ``steps`` must be 0.
+        bound: quantized mode only: the relative error bound for every output, instead of QUANTIZED_BOUNDS.
 
     Returns:
         VerifyReport: ``.ok``, ``.rows`` (name, max_abs, rel, ref_max_abs, err, bound, ok), printable as a table.
     """
+    if quantized:
+        return _verify_quantized(reference, candidate, batch, steps, dtype, train, seed, bound)
+    if bound is not None:
+        raise ValueError("verify: bound= is for quantized=True; the float comparison uses the HOUSE_STYLE bounds")
     if dtype is None:
         p = next(candidate.parameters(), None)
         dtype = p.dtype if p is not None else torch.float32
@@ -275,3 +309,60 @@ def verify(reference, candidate, batch, steps=0, dtype=None, *, optimizer="adamw
             rows.append(_loss_row(f"loss after {i} step{'s' if i != 1 else ''} ({optimizer}, lr={lr:g})",
                                   curves["cand"][i], curves["ref"][i], curves["truth"][i], dtype))
     return VerifyReport(rows, dtype, steps, loss_source)
+
+
+def _float_dtype(model):
+    """The dtype of a model's float parameters or float buffers (a quantized model's may all be buffers)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _verify_quantized(reference, candidate, batch, steps, dtype, train, seed, bound):
+    from gptkernels.nn import QuantizedLinear
+
+    bits = tuple(sorted({m.bits for m in candidate.modules() if isinstance(m, QuantizedLinear)}, reverse=True))
+    if not bits:
+        raise ValueError("verify(quantized=True): the candidate has no QuantizedLinear layers; quantize it with "
+                         "gptkernels.quantize(model) first, or compare float models with quantized=False")
+    if steps:
+        raise ValueError(f"verify(quantized=True): steps={steps}, but quantized layers have no backward; use steps=0")
+    if bound is None:
+        bound = QUANTIZED_BOUNDS[min(bits)]
+    if dtype is None:
+        dtype = _float_dtype(candidate)
+    device = _param_device(reference)
+    outs = {}
+    for key, src, dt in (("truth", reference, torch.float64), ("ref", reference, dtype), ("cand", candidate, dtype)):
+        m = copy.deepcopy(src).to(device=device, dtype=dt)
+        m.train(train)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            outs[key] = _outputs(_call(m, _cast_batch(batch, dt, device)))
+    (t_out, t_loss), (r_out, r_loss), (c_out, c_loss) = outs["truth"], outs["ref"], outs["cand"]
+    named = [(n, c_out.get(n), r_out.get(n), t) for n, t in t_out.items()]
+    if t_loss is not None:
+        named.append(("loss", c_loss, r_loss, t_loss))
+    rows = []
+    for name, c, r, t in named:
+        if c is None:
+            rows.append(VerifyRow(name, math.inf, math.inf, math.inf, math.inf, bound, False, "no candidate tensor"))
+            continue
+        if tuple(c.shape) != tuple(t.shape):
+            rows.append(VerifyRow(name, math.inf, math.inf, math.inf, math.inf, bound, False,
+                                  f"shape {tuple(c.shape)} != {tuple(t.shape)}"))
+            continue
+        t64, c64 = t.detach().double(), c.detach().double()
+        norm = t64.norm().item()
+        rel = (c64 - t64).norm().item() / norm if norm else (0.0 if torch.equal(c64, t64) else math.inf)
+        nan = bool(torch.isnan(c64).any())
+        rows.append(VerifyRow(name, (c64 - t64).abs().max().item(), rel, max_err(r, t), rel, bound,
+                              not nan and rel <= bound, "NaN" if nan else "quantized vs float original"))
+    agreement = None
+    if "logits" in t_out or len(t_out) == 1:  # the token logits: .logits, or a model's only output
+        t = t_out.get("logits", next(iter(t_out.values())))
+        c = c_out.get("logits", next(iter(c_out.values()), None))
+        if c is not None and c.shape == t.shape and t.dim() >= 2:
+            agreement = (c.argmax(-1) == t.argmax(-1)).double().mean().item()
+    return VerifyReport(rows, dtype, 0, "", quantized_bits=bits, bound=bound, token_agreement=agreement)

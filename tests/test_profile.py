@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 
+import gptkernels
 from gptkernels import profile as prof
 
 SMALL = dict(batch=1, prompt_len=8, new_tokens=8, repeats=2)
 ROW_FIELDS = ("provider", "status", "backend", "backends", "prefill_ms", "decode_ms_p50", "decode_ms_p90",
               "decode_ms_p99", "tokens_per_s", "peak_mem_mb", "weights_mb", "kv_cache_mb", "activations_peak_mb",
-              "speedup_prefill_vs_eager", "speedup_decode_vs_eager", "tokens_match_eager", "tokens")
+              "speedup_prefill_vs_eager", "speedup_decode_vs_eager", "tokens_match_eager", "tokens",
+              "weight_bytes_per_token", "weight_gbps", "pct_copy_ceiling")
 
 
 def _check_row(row, new_tokens):
@@ -203,12 +205,45 @@ def test_quantized_rows(capsys, tmp_path):
     """--quantize adds rows for weight-only int8 / int4 models; int8 keeps eager's greedy tokens on this model."""
     out = tmp_path / "q.json"
     rc = prof.main(["--model", "tiny", "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--device", "cpu",
-                    "--providers", "eager", "--quantize", "int8,int4", "--json", str(out), "--threads", "1"])
-    assert rc == 0, capsys.readouterr().err
-    rows = {row["provider"]: row for row in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["eager", "int8", "int4"]
+                    "--providers", "eager", "--quantize", "int8,int4", "--json", str(out), "--threads", "1",
+                    "--calibrate", "mse"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    rows = {row["provider"]: row for row in res["rows"]}
+    assert list(rows) == ["eager", "int8", "int4"] and res["calibrate"] == "mse"
     assert rows["int8"]["backend"] == "cpu" and rows["int4"]["backend"] == "cpu"
     assert rows["int8"]["tokens_match_eager"] is True  # int8 per channel: the greedy tokens of the float model
+    assert "wt MB/tok" in stdout and "% copy BW" in stdout and "copy ceiling of this run" in stdout
+    # int8 reads about a quarter of the fp32 layers' bytes (lm_head / wte and the norms stay float).
+    assert rows["int8"]["weight_bytes_per_token"] < 0.5 * rows["eager"]["weight_bytes_per_token"]
+    with pytest.raises(prof.ProfileError, match="--calibrate must be absmax or mse"):
+        prof.profile("tiny", providers=["int8"], device="cpu", calibrate="gptq", **SMALL)
+
+
+def test_weight_bandwidth_columns():
+    """Bytes a decode step reads: every weight once, the tied wte / lm_head once, wpe (gathered) not at all."""
+    from gptkernels.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.preset("tiny"))
+    params = dict(model.named_parameters())  # tied lm_head.weight is listed once, as transformer.wte.weight
+    expect = sum(p.numel() * 4 for n, p in params.items() if n != "transformer.wpe.weight")
+    assert prof.weight_bytes_per_step(model) == expect
+    gptkernels.quantize(model)
+    q = {n: b for n, b in model.named_buffers()}
+    expect_q = sum(t.numel() * t.element_size() for t in (*model.parameters(), *q.values())) \
+        - model.transformer.wpe.weight.numel() * 4
+    assert prof.weight_bytes_per_step(model) == expect_q < expect / 2
+
+    r = prof.profile("tiny", providers=["gptkernels", "int8"], device="cpu", **{**SMALL, "batch": 2})
+    assert r["ceiling"]["copy_gbps"] > 0 and "KV cache" in r["weight_bandwidth_method"]
+    for row in r["rows"]:
+        per_step = row["weight_bytes_per_token"] * 2  # batch 2: a step reads the weights once for both tokens
+        # The JSON rounds GB/s to 3 decimals and ms to 4: compare within that rounding.
+        assert row["weight_gbps"] == pytest.approx(per_step / (row["decode_ms_p50"] * 1e-3) / 1e9, rel=1e-3, abs=1e-3)
+        assert row["pct_copy_ceiling"] == pytest.approx(100 * row["weight_gbps"] / r["ceiling"]["copy_gbps"],
+                                                        rel=1e-2, abs=0.1)
+    assert r["rows"][0]["weight_bytes_per_token"] == pytest.approx(expect / 2, abs=0.1)
 
 
 def test_generate_quantized(capsys):

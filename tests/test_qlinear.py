@@ -144,11 +144,18 @@ def test_quantize_weight_round_trip(fmt):
     assert s.dtype == torch.float32 and s.shape == ((n,) if group_size is None else (n, k // group_size))
     err = (dequantize_weight(q, s, group_size=group_size, bits=bits) - w).abs()  # (N, K)
     g = k if group_size is None else group_size
-    per_elem_scale = s.reshape(n, -1).repeat_interleave(g, dim=1)
-    # absmax rounding to nearest: every weight within half a step. Slack for fp32: w / scale rounds (a quotient
-    # just under k + 0.5 can land on it and round away) and q * scale rounds: a few ulps of |w|.
-    assert (err <= per_elem_scale * 0.5 + 4 * torch.finfo(torch.float32).eps * w.abs() + 1e-12).all()
-    mse_q, mse_s = quantize_weight(w, bits, group_size, clip="mse")
+    step = s.abs().reshape(n, -1).repeat_interleave(g, dim=1)  # (N, K)
+    qmax = 127 if bits == 8 else 7
+    # absmax: each group's largest-magnitude weight lands exactly on -(qmax + 1), so every level is in use.
+    assert (torch.as_tensor(q if bits == 8 else unpack_int4(q)).reshape(n, k // g, g).amin(-1) == -qmax - 1).all()
+    # Round to nearest: within half a step, except values of the other sign beyond qmax + 1/2 steps, which clamp to
+    # qmax (within one step). Slack for fp32: w / scale rounds (a quotient just under k + 0.5 can land on it and round
+    # away) and q * scale rounds: a few ulps of |w|.
+    slack = 4 * torch.finfo(torch.float32).eps * w.abs() + 1e-12
+    inside = w.abs() <= (qmax + 0.5) * step
+    assert (err[inside] <= step[inside] * 0.5 + slack[inside]).all()
+    assert (err <= step + slack).all()
+    mse_q, mse_s = quantize_weight(w, bits, group_size, calibrate="mse")
     err_mse = (dequantize_weight(mse_q, mse_s, group_size=group_size, bits=bits) - w).pow(2).reshape(n, k // g, g)
     err_abs = err.pow(2).reshape(n, k // g, g)
     # The MSE search includes ratio 1.0 (absmax), so no group gets worse.
@@ -164,10 +171,20 @@ def test_int4_nibble_order_and_mse_gain():
             byte = int(packed[1, blk * 16 + j])
             assert byte & 15 == int(q[1, blk * 32 + j]) + 8 and byte >> 4 == int(q[1, blk * 32 + 16 + j]) + 8
     assert torch.equal(unpack_int4(packed), q)
-    w = torch.randn(64, 512)  # Gaussian weights: clipping the tails lowers int4's reconstruction error
-    errs = [(dequantize_weight(*quantize_weight(w, 4, 32, c), group_size=32, bits=4) - w).norm() / w.norm()
-            for c in ("absmax", "mse")]
-    assert errs[1] < errs[0] * 0.97, errs
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))  # Gaussian, like a random-init layer
+
+    def rel(q, s):
+        return ((dequantize_weight(q, s, group_size=32, bits=4) - w).norm() / w.norm()).item()
+
+    # The [-7, 7] grid (scale max|w| / 7, 15 of the 16 levels) that absmax replaced, as a yardstick.
+    wg = w.reshape(256, 16, 32)
+    s7 = wg.abs().amax(-1) / 7  # (N, G)
+    q7 = torch.round(wg / s7.unsqueeze(-1)).reshape(256, 512).to(torch.int8)
+    errs = {"[-7, 7]": rel(pack_int4(q7), s7), None: rel(*quantize_weight(w, 4, 32)),
+            "mse": rel(*quantize_weight(w, 4, 32, calibrate="mse"))}
+    assert errs[None] == rel(*quantize_weight(w, 4, 32, calibrate="absmax"))
+    # Measured 9.7%, 8.6%, 8.2% (int4 g32 on N(0, 1) weights: ~8% is the floor of round-to-nearest on 16 levels).
+    assert errs[None] < errs["[-7, 7]"] * 0.92 and errs["mse"] < errs[None] * 0.97 and errs["mse"] < 0.085, errs
 
 
 def test_module_dtype_moves_keep_fp32_scales():
@@ -199,8 +216,21 @@ def test_bad_inputs():
         quantize_weight(w, 4)
     with pytest.raises(ArgumentError, match="NaN or inf"):
         quantize_weight(torch.full((2, 32), float("nan")), 8)
-    with pytest.raises(ArgumentError, match="clip"):
-        quantize_weight(w, 8, clip="percentile")
+    with pytest.raises(ArgumentError, match="calibrate must be None or one of 'absmax', 'mse', got 'percentile'"):
+        quantize_weight(w, 8, calibrate="percentile")
+    with pytest.raises(ArgumentError, match="quantize: bits must be 4 or 8, got 3"):
+        gptkernels.quantize(torch.nn.Linear(96, 16), bits=3)
+    with pytest.raises(ArgumentError, match="QuantizedLinear: K = 96 .* not divisible by group_size 64"):
+        QuantizedLinear(96, 16, bits=8, group_size=64)
+    with pytest.raises(ArgumentError, match="QuantizedLinear: bits must be 4 or 8"):
+        QuantizedLinear(96, 16, bits=2)
+    grouped = QuantizedLinear.from_float(torch.nn.Linear(96, 16), bits=8, group_size=32)
+    sd = grouped.state_dict()
+    sd["scales"] = torch.ones(16, 2)  # a state dict whose scales do not fit the layer's groups
+    with pytest.raises(RuntimeError, match=r"size mismatch for scales.*\[16, 2\].*\[16, 3\]"):
+        grouped.load_state_dict(sd)
+    with pytest.raises(ArgumentError, match="quantize: calibrate must be"):
+        gptkernels.quantize(torch.nn.Linear(96, 16), calibrate="gptq", dry_run=True)
     q, s = quantize_weight(w, 8, 32)
     x = torch.randn(2, 96)
     with pytest.raises(ArgumentError, match="not divisible by group_size 64"):
@@ -295,37 +325,59 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-# Logits of the quantized model vs the float one (rel. L2). int4 g32: round-to-nearest on these random-init models
-# gives 7-9% (absmax) and 7-8% (clip="mse"), over 5 seeds each, for both models: a 16-level grid on Gaussian weights
-# in groups of 32 leaves ~9% relative error per weight (test_int4_nibble_order_and_mse_gain measures it), and every
-# layer of these models is of that kind. 5e-2 would need calibration-based methods (GPTQ, AWQ); the bound is 1e-1
-# with clip="mse", and the int8 bound is the 1e-2 asked for (measured 0.5-0.6%).
-@pytest.mark.parametrize("which", ["hf", "ours"])
-@pytest.mark.parametrize("fmt,bound,clip", [((8, None), 1e-2, "absmax"), ((4, 32), 1e-1, "mse")],
-                         ids=["int8", "int4-g32"])
-def test_quantize_model_logits(which, fmt, bound, clip):
-    model, _ = _hf_gpt2() if which == "hf" else _ours()
-    vocab = 97 if which == "hf" else 256
-    idx = torch.randint(0, vocab, (2, 12))
+def _hf_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval(), cfg
+
+
+# Logits of the quantized model vs the float one (rel. L2), max over seeds 0-4 (2x12 random tokens), 2026-12-07:
+#                    int8      int4 g32 absmax   int4 g32 mse
+#   HF GPT-2 tiny    0.54%     7.7%              7.2%
+#   HF Llama tiny    0.76%     11.5%             10.2%
+#   gptkernels tiny  0.58%     8.1%              7.6%
+# int8 meets the 1e-2 asked for. int4 g32 cannot meet 5e-2 on random-init weights with round-to-nearest: they are
+# Gaussian, where 16 uniform levels per group of 32 leave ~8.2% error per weight even with the best clip
+# (test_int4_nibble_order_and_mse_gain), and every quantized layer adds its share (14 in the Llama, 8 in the
+# others). Data-aware methods (GPTQ, AWQ) are not implemented. The bounds below are the measured maxima plus ~10%.
+LOGITS_BOUNDS = {("hf", 8): 1e-2, ("ours", 8): 1e-2, ("llama", 8): 1e-2,
+                 ("hf", 4): 8.5e-2, ("ours", 4): 9e-2, ("llama", 4): 1.25e-1}
+_MODELS = {"hf": _hf_gpt2, "ours": _ours, "llama": _hf_llama}
+
+
+@pytest.mark.parametrize("which", ["hf", "ours", "llama"])
+@pytest.mark.parametrize("fmt,calibrate", [((8, None), None), ((4, 32), None), ((4, 32), "mse")],
+                         ids=["int8", "int4-g32", "int4-g32-mse"])
+def test_quantize_model_logits(which, fmt, calibrate):
+    model, _ = _MODELS[which]()
+    vocab = 256 if which == "ours" else 97
+    idx = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(100))
     ref = _logits(model, idx)
     dry = gptkernels.quantize(model, *fmt, dry_run=True)
     assert all(e.action != "quantized" for e in dry) and not any(isinstance(m, QuantizedLinear)
                                                                  for m in model.modules())
-    report = gptkernels.quantize(model, *fmt, clip=clip)
-    assert len(report.quantized) == 8 and [e.name for e in report.skipped] == ["lm_head"]
-    assert "tied to transformer.wte.weight" in report.skipped[0].reason
-    assert report.bytes_after < report.bytes_before / (3.4 if fmt[0] == 8 else 5.5)
-    assert "8 quantized, 1 skipped" in str(report)
+    report = gptkernels.quantize(model, *fmt, calibrate=calibrate)
+    n_layers = 14 if which == "llama" else 8  # Llama: q, k, v, o, gate, up, down per block
+    assert len(report.quantized) == n_layers and [e.name for e in report.skipped] == ["lm_head"]
+    if which != "llama":
+        assert "tied to transformer.wte.weight" in report.skipped[0].reason
+        assert report.bytes_after < report.bytes_before / (3.4 if fmt[0] == 8 else 5.5)
+    assert f"{n_layers} quantized, 1 skipped" in str(report)
+    assert (f"calibrate={calibrate}" in str(report)) == (calibrate is not None)
     n_q = sum(isinstance(m, QuantizedLinear) for m in model.modules())
-    assert n_q == 8 and not any(isinstance(m, torch.nn.Linear) and m is not model.lm_head for m in model.modules())
+    assert n_q == n_layers and not any(isinstance(m, torch.nn.Linear) and m is not model.lm_head
+                                       for m in model.modules())
     if which == "ours":
         assert all(isinstance(b.mlp, QuantizedMLP) for b in model.transformer.h)
     out = _logits(model, idx)
-    assert _rel(out, ref) <= bound, _rel(out, ref)
+    assert _rel(out, ref) <= LOGITS_BOUNDS[which, fmt[0]], _rel(out, ref)
     assert "quantized_linear" in gptkernels.explain()
     sd = model.state_dict()
     assert any(k.endswith(".qweight") for k in sd) and any(k.endswith(".scales") for k in sd)
-    assert not any(k.endswith("c_attn.weight") for k in sd)
+    assert not any(k.endswith("_proj.weight") or k.endswith("c_attn.weight") for k in sd)
     again = gptkernels.quantize(model, *fmt)  # a second call changes nothing
     assert not again.quantized and all("already quantized" in e.reason or e.name == "lm_head" for e in again)
 

@@ -4,9 +4,9 @@ Math (fp32 accumulation whatever the activation dtype; shapes x: (..., K), M = n
     y = x @ dequant(qweight, scales)^T + bias                                  (..., N) in x.dtype
     dequant: w[n, k] = q[n, k] * scales[n, k // group_size]                   (N, K) fp32
 
-Formats (symmetric: no zero point; scales are always float32, whatever the model's dtype: an fp16 scale would round
-every weight a second time, and they are N*K/group_size*4 bytes, 1/32 of the int4 weight at group 128 and less for
-int8):
+Formats (symmetric: no zero point; a scale may be negative, see :func:`quantize_weight`; scales are always float32,
+whatever the model's dtype: an fp16 scale would round every weight a second time, and they are N*K/group_size*4
+bytes, 1/32 of the int4 weight at group 128 and less for int8):
     int8, per output channel (group_size=None):  qweight (N, K) int8,  scales (N,)
     int8, per group of K (group_size=g, g | K):   qweight (N, K) int8,  scales (N, K // g)
     int4, per group of 32, 64 or 128:             qweight (N, K // 2) uint8, scales (N, K // g)
@@ -45,12 +45,10 @@ _Err, _TypeErr = _dispatch.ArgumentError, _dispatch.ArgumentTypeError
 
 BITS = (4, 8)
 INT4_GROUP_SIZES = (32, 64, 128)
-CLIPS = ("absmax", "mse")
+CALIBRATIONS = ("absmax", "mse")
 # Rows of x up to which the fused GEMV kernel runs; above, dequantize + GEMM. The same number as kQlinearGemvMaxRows
 # (csrc/kernels/cpu/qlinear.h); each backend's GEMV serves up to this many rows per weight read.
 GEMV_MAX_ROWS = 16
-# The clip ratios clip="mse" tries per group: the scale is ratio * absmax / qmax.
-MSE_GRID = tuple(round(0.80 + 0.02 * i, 2) for i in range(11))  # 0.80, 0.82, ..., 1.00
 
 _FN = "quantized_linear"
 
@@ -94,7 +92,14 @@ def quantized_linear_ref(x, qweight, scales, bias=None, *, group_size=None, bits
 
 
 # ----------------------------------------------------------------------------------------------- quantize
-def quantize_weight(w, bits=8, group_size=None, clip="absmax"):
+def _mse_grid(qmax):
+    """The scale ratios calibrate="mse" tries, as multiples of the absmax scale m / -(qmax + 1): (qmax + 1) / qmax
+    (the [-qmax, qmax] grid, nothing clipped on either side), 1.0 (absmax), then 0.98 down to 0.70 (clipping the
+    group's tails for a finer step)."""
+    return ((qmax + 1) / qmax, *(round(1.0 - 0.02 * i, 2) for i in range(16)))
+
+
+def quantize_weight(w, bits=8, group_size=None, calibrate=None):
     """Quantize a float weight (N, K) (nn.Linear layout) to (qweight, scales) for :func:`quantized_linear`.
 
     Args:
@@ -102,19 +107,24 @@ def quantize_weight(w, bits=8, group_size=None, clip="absmax"):
         bits: 8 or 4.
         group_size: None (int8 only: one scale per output row) or the number of consecutive K values sharing a scale
             (must divide K; int4: 32, 64 or 128).
-        clip: "absmax": scale = max|w| / qmax over each group (qmax 127 or 7), round to nearest, so every weight is
-            within scale / 2 of its value. "mse": the scale is ratio * max|w| / qmax with the ratio in
-            0.80, 0.82, ..., 1.00 (:data:`MSE_GRID`) that minimizes each group's squared reconstruction error
-            (clipping a few outliers buys a finer step for the rest; helps int4 most). Values are clamped to
-            [-qmax - 1, qmax].
+        calibrate: how each group's scale is chosen; the values then round to nearest and clamp to
+            [-qmax - 1, qmax] (qmax 127 or 7).
+            None or "absmax": scale = m / -(qmax + 1), m the group's value of largest magnitude (with its sign), so m
+                lands on -(qmax + 1) and all 2^bits levels are in use (llama.cpp's Q4_0 rule; a scale may be
+                negative). A value of the other sign within one step of |m| clamps to qmax. Against max|w| / qmax
+                (which leaves -(qmax + 1) unused: 15 of int4's 16 levels) it cuts the int4 g32 error on Gaussian
+                weights from 9.7% to 8.6% (768x768, ||dequant - w|| / ||w||).
+            "mse": per group, the scale among ratio * (the absmax scale), ratio in :func:`_mse_grid` (qmax+1)/qmax,
+                1.0, 0.98, ..., 0.70, with the least squared reconstruction error: clipping a group's tails buys a
+                finer step for the rest. 17 passes over w, vectorised over groups; int4 g32 Gaussian: 8.2%. Costs
+                0.41 s for a 3072x768 weight vs absmax's 0.036 s (1 thread, load 3.8).
 
     Returns:
         (qweight, scales): int8 (N, K) or uint8 (N, K // 2) (int4, nibble order in the module docstring); scales
         float32 (N,) per channel or (N, K // group_size). An all-zero group gets scale 0.
     """
     _check_format("quantize_weight", bits, group_size)
-    if clip not in CLIPS:
-        raise _Err(f"quantize_weight: clip must be one of {', '.join(CLIPS)}, got {clip!r}")
+    _check_calibrate("quantize_weight", calibrate)
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise _TypeErr(f"quantize_weight: w must be a floating-point tensor, got "
                        f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
@@ -132,18 +142,19 @@ def quantize_weight(w, bits=8, group_size=None, clip="absmax"):
         if not torch.isfinite(wf).all():
             raise _Err("quantize_weight: w has NaN or inf values; they have no int representation")
         wg = wf.reshape(n, k // g, g)  # (N, G, g)
-        amax = wg.abs().amax(dim=-1, keepdim=True)  # (N, G, 1)
+        m = wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True))  # (N, G, 1) largest magnitude, signed
+        base = m / -(qmax + 1)
 
         def fit(ratio):
-            scale = amax * (ratio / qmax)
-            q = torch.round(wg / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-qmax - 1, qmax)
+            scale = base * ratio
+            q = torch.round(wg / torch.where(scale != 0, scale, torch.ones_like(scale))).clamp_(-qmax - 1, qmax)
             return q, scale
 
-        if clip == "absmax":
+        if calibrate in (None, "absmax"):
             q, scale = fit(1.0)
         else:
             best = None
-            for ratio in MSE_GRID:
+            for ratio in _mse_grid(qmax):
                 q_r, s_r = fit(ratio)
                 err = ((q_r * s_r - wg) ** 2).sum(dim=-1, keepdim=True)  # (N, G, 1)
                 if best is None:
@@ -193,6 +204,11 @@ def _check_format(fn, bits, group_size):
         raise _Err(f"{fn}: group_size must be None or a positive int, got {group_size!r}")
     if bits == 4 and group_size not in INT4_GROUP_SIZES:
         raise _Err(f"{fn}: int4 needs group_size 32, 64 or 128 (one scale per group), got {group_size!r}")
+
+
+def _check_calibrate(fn, calibrate):
+    if calibrate is not None and calibrate not in CALIBRATIONS:
+        raise _Err(f"{fn}: calibrate must be None or one of {', '.join(map(repr, CALIBRATIONS))}, got {calibrate!r}")
 
 
 def _check_group(fn, k, g, bits):
