@@ -41,6 +41,9 @@ PROVIDERS = ("eager", "gptkernels", "compile")
 QUANTIZED = {"int8": (8, None), "int4": (4, 128)}
 # What a quantized model runs instead of fused_mlp: quantized_linear for every projection, bias_gelu between.
 QUANTIZED_OPS = ("layer_norm", "scaled_dot_product_attention", "decode_attention", "quantized_linear", "bias_gelu")
+# Third-party weight-only quantization on the eager model, for comparison (optional: needs torchao installed).
+# provider -> the torchao config class; the lm_head stays float as in QUANTIZED.
+TORCHAO = {"torchao-int8": "Int8WeightOnlyConfig"}
 GRAPHS_SUFFIX = "+graphs"
 # The ops a GPT forward dispatches; their last() entry tells which backend ran.
 MODEL_OPS = ("layer_norm", "scaled_dot_product_attention", "decode_attention", "fused_mlp")
@@ -220,22 +223,39 @@ def _weight_tensors(model):
     buffers (qweight, scales, bias)."""
     seen = set()
     for t in (*model.parameters(), *model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        if _ptr(t) not in seen:
+            seen.add(_ptr(t))
             yield t
 
 
+def _ptr(t) -> int:
+    """The storage address that identifies a shared (tied) weight; a wrapper tensor subclass (e.g. torchao's quantized
+    weights) has no storage of its own (data_ptr 0, or an error) and is identified by the object."""
+    try:
+        return t.data_ptr() or id(t)
+    except RuntimeError:
+        return id(t)
+
+
+def _nbytes(t) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's int8 weight: int8 data + scales) counts its inner tensors."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_nbytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def _param_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in _weight_tensors(model))
+    return sum(_nbytes(t) for t in _weight_tensors(model))
 
 
 def weight_bytes_per_step(model) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer once, less the embedding tables a step only
     gathers B rows of (wpe; wte too unless lm_head shares it, as GPT's does, and reads it in full)."""
-    gathered = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    gathered -= {m.weight.data_ptr() for m in model.modules()
+    gathered = {_ptr(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    gathered -= {_ptr(m.weight) for m in model.modules()
                  if not isinstance(m, torch.nn.Embedding) and isinstance(getattr(m, "weight", None), torch.Tensor)}
-    return sum(t.numel() * t.element_size() for t in _weight_tensors(model) if t.data_ptr() not in gathered)
+    return sum(_nbytes(t) for t in _weight_tensors(model) if _ptr(t) not in gathered)
 
 
 # Every provider's model and KV cache stay allocated for the whole run (a CUDA graph holds the cache's addresses), so
@@ -303,16 +323,27 @@ def _build(provider, config, state_dict, device, dtype, calibrate=None):
     from gptkernels.model import GPT
 
     base = provider.removesuffix(GRAPHS_SUFFIX)
-    model = GPT(config, backend="torch" if base == "eager" else None)
+    model = GPT(config, backend="torch" if base in ("eager", *TORCHAO) else None)
     model.load_state_dict(state_dict)
     model = model.to(device=device, dtype=dtype).eval()
     if base in QUANTIZED:
         from gptkernels.quantize import quantize
 
         quantize(model, *QUANTIZED[base], calibrate=calibrate)
+    if base in TORCHAO:
+        _torchao_quantize(model, TORCHAO[base])
     if base == "compile":
         return model, torch.compile(model)
     return model, model
+
+
+def _torchao_quantize(model, config_name):
+    try:
+        import torchao.quantization as tq
+    except ImportError as e:
+        raise ProfileError(f"the torchao providers need torchao (pip install torchao): {e}") from e
+    tq.quantize_(model, getattr(tq, config_name)(),
+                 filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
 
 
 def _percentile(xs, q):
@@ -356,10 +387,10 @@ def _profile(model, batch, prompt_len, new_tokens, providers, device, dtype, rep
     say = log or (lambda msg: None)
     device, dtype = _resolve_device_dtype(device, dtype)
     providers = list(providers)
-    bad = [p for p in providers if p not in PROVIDERS and p not in QUANTIZED]
+    bad = [p for p in providers if p not in PROVIDERS and p not in QUANTIZED and p not in TORCHAO]
     if bad or not providers:
         raise ProfileError(f"unknown provider(s) {', '.join(bad) or '(none given)'}; "
-                           f"choose from {', '.join((*PROVIDERS, *QUANTIZED))}")
+                           f"choose from {', '.join((*PROVIDERS, *QUANTIZED, *TORCHAO))}")
     if calibrate not in (None, "absmax", "mse"):
         raise ProfileError(f"--calibrate must be absmax or mse, got {calibrate!r}")
     if cuda_graphs:
@@ -600,7 +631,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all), plus int8 / int4: "
-                        "gptkernels with weight-only quantized linear layers")
+                        "gptkernels with weight-only quantized linear layers, and torchao-int8: torchao's int8 "
+                        "weight-only quantization of the eager model, for comparison (needs torchao)")
     parser.add_argument("--quantize", default=None, metavar="int8,int4",
                         help="add rows for weight-only quantized models (int8 per channel, int4 groups of 128; "
                         "lm_head stays float)")

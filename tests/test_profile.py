@@ -251,3 +251,56 @@ def test_generate_quantized(capsys):
 
     assert generate.main(["--model", "tiny", "--prompt", "def ", "--max-new-tokens", "3", "--quantize", "int8"]) == 0
     assert "int8: 8 layers" in capsys.readouterr().out
+
+
+def test_wrapper_subclass_weights_are_counted_once_each():
+    """A tensor-subclass weight without storage of its own (data_ptr 0, as torchao's quantized weights) counts its
+    inner tensors, and two such weights are two weights, not one shared address."""
+
+    class Packed(torch.Tensor):
+        @staticmethod
+        def __new__(cls, data, scale):
+            return torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=torch.float32)
+
+        def __init__(self, data, scale):
+            self.data_, self.scale = data, scale
+
+        def __tensor_flatten__(self):
+            return ["data_", "scale"], None
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            raise NotImplementedError(f"{func} on a test wrapper")
+
+    a = Packed(torch.zeros(8, 4, dtype=torch.int8), torch.ones(8))
+    b = Packed(torch.zeros(8, 4, dtype=torch.int8), torch.ones(8))
+    m = torch.nn.Module()
+    m.register_buffer("a", a)
+    m.register_buffer("b", b)
+    assert prof._nbytes(a) == 8 * 4 + 8 * 4
+    assert prof.weight_bytes_per_step(m) == 2 * (8 * 4 + 8 * 4)
+
+
+def test_torchao_row_beside_ours():
+    pytest.importorskip("torchao", reason="torchao is an optional comparison dependency (pip install torchao)")
+    r = prof.profile("tiny", providers=["eager", "int8", "torchao-int8"], device="cpu", **SMALL)
+    rows = {row["provider"]: row for row in r["rows"]}
+    assert rows["torchao-int8"]["status"] == "ok", rows["torchao-int8"].get("error")
+    # Its int8 weights: about a quarter of the float layers' bytes, as ours.
+    assert rows["torchao-int8"]["weight_bytes_per_token"] < 0.6 * rows["eager"]["weight_bytes_per_token"]
+
+
+def test_torchao_missing_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_torchao(name, *a, **k):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    r = prof.profile("tiny", providers=["eager", "torchao-int8"], device="cpu", **SMALL)
+    row = {row["provider"]: row for row in r["rows"]}["torchao-int8"]
+    assert row["status"] == "failed" and "pip install torchao" in row["error"]
