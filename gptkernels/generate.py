@@ -246,6 +246,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--quantize", default=None, choices=("int8", "int4"),
                         help="weight-only quantization of the linear layers (int8 per channel, int4 groups of 128; "
                         "lm_head stays float)")
+    parser.add_argument("--calibrate", default=None, choices=("absmax", "mse"),
+                        help="with --quantize: each group's scale from its largest weight (absmax, the default) or "
+                        "the clip ratio with the least squared error (mse)")
 
 
 def generate_text(args) -> dict:
@@ -279,7 +282,7 @@ def generate_text(args) -> dict:
         from gptkernels.profile import QUANTIZED
         from gptkernels.quantize import quantize
 
-        rep = quantize(model, *QUANTIZED[args.quantize])
+        rep = quantize(model, *QUANTIZED[args.quantize], calibrate=getattr(args, "calibrate", None))
         source += (f", {args.quantize}: {len(rep.quantized)} layers, {rep.bytes_before / 1e6:.1f} -> "
                    f"{rep.bytes_after / 1e6:.1f} MB")
     V = model.config.vocab_size

@@ -435,6 +435,21 @@ class GPT(nn.Module):
         keys = sum(T if w is None else min(T, w) for w in map(c.layer_window, range(c.n_layer)))
         return 6 * self.num_params() + 12 * c.n_embd * keys
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict, with a clear error for a weight-only quantized checkpoint (``*.qweight`` keys)
+        loaded into float layers (PyTorch would list missing and unexpected keys)."""
+        quantized = sorted(k.removesuffix(".qweight") for k in state_dict if k.endswith(".qweight"))
+        if quantized:
+            modules = dict(self.named_modules())
+            floats = [n for n in quantized if n in modules and not hasattr(modules[n], "qweight")]
+            if floats:
+                more = f" and {len(floats) - 3} more" if len(floats) > 3 else ""
+                raise ValueError(
+                    f"GPT.load_state_dict: the state dict holds weight-only quantized layers ({', '.join(floats[:3])}"
+                    f"{more}) but this model's are float: build it with gptkernels.load_quantized(config, state_dict)"
+                    f", or quantize this model first (gptkernels.quantize(model, bits, group_size))")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def configure_optimizer(self, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), device_type="cpu"):
         """AdamW with decay on matrices (dim >= 2) only; the fused CUDA implementation when on a GPU."""
         params = [p for p in self.parameters() if p.requires_grad]

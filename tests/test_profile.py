@@ -251,6 +251,9 @@ def test_generate_quantized(capsys):
 
     assert generate.main(["--model", "tiny", "--prompt", "def ", "--max-new-tokens", "3", "--quantize", "int8"]) == 0
     assert "int8: 8 layers" in capsys.readouterr().out
+    assert generate.main(["--model", "tiny", "--prompt", "def ", "--max-new-tokens", "3", "--quantize", "int4",
+                          "--calibrate", "mse"]) == 0
+    assert "int4: 8 layers" in capsys.readouterr().out
 
 
 def test_wrapper_subclass_weights_are_counted_once_each():

@@ -462,7 +462,9 @@ def test_save_load_round_trip(which, fmt):
     assert gptkernels.quantize.load_quantized is gptkernels.load_quantized
     # the reverse and the wrong ones
     fresh, _ = _hf_gpt2() if which == "hf" else _ours()
-    with pytest.raises(RuntimeError, match="qweight"):  # a quantized state dict into a float model
+    # A quantized state dict into a float model: PyTorch's key error for HF's model, ours names the fix for GPT.
+    with pytest.raises(RuntimeError if which == "hf" else ValueError, match="qweight" if which == "hf" else
+                       "load_quantized"):
         fresh.load_state_dict(sd)
     with pytest.raises(ArgumentError, match="no quantized layers"):
         gptkernels.load_quantized(cfg, fresh.state_dict())
@@ -488,3 +490,21 @@ def test_cuda_misaligned_and_large_m():
         xl = torch.randn(40, 256, device="cuda")
         assert_close(op(xl, q, s, None, 32, 4, False),
                      quantized_linear_ref(xl.double().cpu(), q.cpu(), s.cpu(), group_size=32, bits=4), name="gemv m=40")
+
+
+def test_float_and_quantized_checkpoints_do_not_mix():
+    """A quantized state dict into a float GPT, and a float one into a quantized GPT: one error that says what to do,
+    not PyTorch's lists of missing and unexpected keys."""
+    from gptkernels.model import GPT, GPTConfig
+
+    config = GPTConfig.preset("tiny")
+    float_sd = GPT(config).state_dict()
+    qmodel = GPT(config)
+    gptkernels.quantize(qmodel)
+    q_sd = qmodel.state_dict()
+    with pytest.raises(ValueError, match=r"holds weight-only quantized layers \(.*\) but this model's are float: "
+                                         r"build it with gptkernels.load_quantized"):
+        GPT(config).load_state_dict(q_sd)
+    with pytest.raises(gptkernels.ArgumentError, match=r"holds a float weight .* gptkernels.quantize\(model\)"):
+        qmodel.load_state_dict(float_sd)
+    qmodel.load_state_dict(q_sd)  # the matching pair still loads
