@@ -5,7 +5,8 @@
 # step runs whatever the previous one did:
 #   1. build for sm_90 only, 16 jobs (ninja checked), ptxas -v report folded in   -> build.log
 #   2. smoke: every public op once on backend cuda, bf16, vs its reference     -> smoke.log (PASS/FAIL per op)
-#   3. benchmark, gpt2 shapes: attention, mlp, layernorm_residual, softmax_causal; eager vs gptkernels-cuda, no
+#   3. benchmark, gpt2 shapes: attention, mlp, layernorm_residual, softmax_causal, then the losses and the quantized
+#      linears (fwd+bwd / fwd, peak memory per row); eager vs gptkernels-cuda, no
 #      torch.compile, fixed --time-budget                                     -> bench.log, results.json
 #   4. model: gpt2 decode ms/token (profile, with CUDA graphs) and training tokens/s per backend -> model.log
 #   5. host overhead per call (bench --suite overhead; tolerated if this bench lacks it) -> overhead.json (+ bench.log)
@@ -96,7 +97,8 @@ BUDGET=$(clamp $(( $(left) - 230 )) 30 "${BENCH_BUDGET_S:-110}")
 step_start "3/7 benchmark gpt2 shapes, eager vs gptkernels-$BACKEND, --time-budget $BUDGET"
 mkdir -p "$SCRATCH/bench"
 timeout -k 10 $(( BUDGET + 60 )) $PY -m gptkernels bench --device "$DEV" --dtype "$BENCH_DTYPE" \
-  --ops attention,mlp,layernorm_residual,softmax_causal --shapes gpt2 --providers "eager,gptkernels-$BACKEND" \
+  --ops attention,mlp,layernorm_residual,softmax_causal,cross_entropy,linear_cross_entropy,qlinear_int8,qlinear_int4 \
+  --shapes gpt2 --providers "eager,gptkernels-$BACKEND" \
   --no-compile --time-budget "$BUDGET" --out "$SCRATCH/bench" --no-progress --verbose 2>&1 | tee "$OUT/bench.log"
 echo "bench exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
 [ -s "$SCRATCH/bench/results.json" ] && mv "$SCRATCH/bench/results.json" "$OUT/results.json"
