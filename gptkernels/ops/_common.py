@@ -27,7 +27,7 @@ C = _dispatch.extension()  # gptkernels._C or None
 # has none: every call then takes the Python path).
 EAGER_BACKENDS = ("cpu", "cuda") if C is not None and hasattr(C, "layernorm") else ()
 
-_TRITON_IMPLS: dict[str, object] = {}
+_PY_IMPLS: dict[str, object] = {}  # custom ops written in Python (Triton launchers, chunk loops): name -> function
 
 
 def has_cpp_op(name: str) -> bool:
@@ -41,17 +41,21 @@ def has_cpp_op(name: str) -> bool:
         return False
 
 
-def triton_op(name: str, fake):
-    """Decorator: register ``fn`` as the custom op ``gptkernels::<name>`` with ``fake`` as its fake
-    implementation, and keep ``fn`` for direct eager calls (:func:`kernel_op`)."""
+def python_op(name: str, fake):
+    """Decorator: register ``fn`` (written in Python: a Triton launcher, or a loop over other ops) as the custom op
+    ``gptkernels::<name>`` with ``fake`` as its fake implementation, and keep ``fn`` for direct eager calls
+    (:func:`kernel_op`): a Python custom op's dispatch costs tens of microseconds a call, which only tracing needs."""
 
     def register(fn):
         torch.library.custom_op(f"gptkernels::{name}", mutates_args=())(fn)
         torch.library.register_fake(f"gptkernels::{name}")(fake)
-        _TRITON_IMPLS[name] = fn
+        _PY_IMPLS[name] = fn
         return fn
 
     return register
+
+
+triton_op = python_op  # the Triton ops' name for it
 
 
 def register_cpp_fakes(fakes: dict) -> bool:
@@ -70,10 +74,12 @@ def registered_op(name: str, backend: str):
 
 
 def kernel_op(name: str, backend: str):
-    """The callable that runs kernel op ``name`` on ``backend``: the registered op, except a Triton op in eager mode,
-    which is its launcher itself."""
-    if backend == "triton" and not is_compiling():
-        return _TRITON_IMPLS[name + "_triton"]
+    """The callable that runs kernel op ``name`` on ``backend``: the registered op, except an op written in Python
+    (:func:`python_op`: every Triton op, the chunk loops) in eager mode, which is that Python function itself."""
+    if not is_compiling():
+        impl = _PY_IMPLS.get(name + "_triton" if backend == "triton" else name)
+        if impl is not None:
+            return impl
     return registered_op(name, backend)
 
 

@@ -169,7 +169,11 @@ def _lce_chunks(h, weight, bias, target, dloss, ignore_index, label_smoothing, z
     want_grad = need_dh or need_dw or need_db
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     dh = torch.empty((n, c) if need_dh else (0,), dtype=dt, device=dev)
-    dw = torch.zeros((v, c) if need_dw else (0,), dtype=torch.float32, device=dev)
+    # dW: the first chunk's GEMM writes it, later ones add (zero-filling it first cost as much as a small GEMM: a
+    # 512 x 768 fill was 150 us of a 825 us fwd+bwd at 8 tokens, 1 thread, on the 2-core EPYC).
+    dw = torch.empty((v, c) if need_dw else (0,), dtype=torch.float32, device=dev)
+    if need_dw and n == 0:
+        dw.zero_()
     db = torch.zeros((v,) if need_db else (0,), dtype=torch.float32, device=dev)
     rows = _chunk_rows(n, v, h.element_size())
     buf = torch.empty((min(rows, n), v), dtype=dt, device=dev)
@@ -197,7 +201,9 @@ def _lce_chunks(h, weight, bias, target, dloss, ignore_index, label_smoothing, z
                 torch.mm(lc, weight, out=dh[r0:r1])
             if need_dw:
                 if dw_c is None:
-                    dw.addmm_(lc.t(), hc)
+                    torch.mm(lc.t(), hc, out=dw) if r0 == 0 else dw.addmm_(lc.t(), hc)
+                elif r0 == 0:
+                    dw.copy_(torch.mm(lc.t(), hc, out=dw_c))
                 else:
                     dw.add_(torch.mm(lc.t(), hc, out=dw_c))
             if need_db:
@@ -245,10 +251,8 @@ def _register_lce(backend):
         _common.triton_op("linear_cross_entropy_fwd_triton", _lce_fwd_fake)(fwd)
         _common.triton_op("linear_cross_entropy_bwd_triton", _lce_bwd_fake)(bwd)
         return
-    for name, fn, fake in (("linear_cross_entropy_fwd", fwd, _lce_fwd_fake),
-                           ("linear_cross_entropy_bwd", bwd, _lce_bwd_fake)):
-        torch.library.custom_op(f"gptkernels::{name}", mutates_args=())(fn)
-        torch.library.register_fake(f"gptkernels::{name}")(fake)
+    _common.python_op("linear_cross_entropy_fwd", _lce_fwd_fake)(fwd)
+    _common.python_op("linear_cross_entropy_bwd", _lce_bwd_fake)(bwd)
 
 
 _register_lce("cpu")  # cpu and cuda: the C++ kernel ops, dispatched by device
