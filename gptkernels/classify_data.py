@@ -59,6 +59,7 @@ class ClassifyTask:
     classes: list[str]
     description: str
     source: str  # "stdlib" or the --data path
+    files: dict | None = None  # stdlib: split -> the files (relative to the stdlib folder) its snippets come from
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -84,7 +85,7 @@ def stdlib_task(packages=STDLIB_PACKAGES, per_class=None, encode=None) -> Classi
     encode = encode or _bytes
     root = gkdata.stdlib_root()
     splits = {"train": ([], []), "val": ([], [])}
-    counts = {"train": 0, "val": 0}
+    files = {"train": [], "val": []}
     for c, pkg in enumerate(packages):
         folder = os.path.join(root, pkg)
         if not os.path.isdir(folder):
@@ -93,7 +94,7 @@ def stdlib_task(packages=STDLIB_PACKAGES, per_class=None, encode=None) -> Classi
         for path in gkdata.py_files(folder):
             split = gkdata.file_split(path, root)
             per_split[split].extend(stdlib_snippets(path))
-            counts[split] += 1
+            files[split].append(os.path.relpath(path, root).replace(os.sep, "/"))
         for split, snippets in per_split.items():
             if not snippets:
                 raise ClassifyDataError(f"default task: package {pkg!r} has no {split} file in {root}")
@@ -103,9 +104,10 @@ def stdlib_task(packages=STDLIB_PACKAGES, per_class=None, encode=None) -> Classi
                 splits[split][1].append(c)
     train, val = (Examples(t, np.array(y, dtype=np.int64)) for t, y in (splits["train"], splits["val"]))
     desc = (f"stdlib package of a snippet (<= {SNIPPET_BYTES} bytes of whole lines), {len(packages)} classes; "
-            f"train {len(train)} snippets from {counts['train']} files, val {len(val)} from {counts['val']} files "
+            f"train {len(train)} snippets from {len(files['train'])} files, val {len(val)} from "
+            f"{len(files['val'])} files "
             f"(files whose path hashes to 0 mod 10, as the pre-training corpus's val)")
-    return ClassifyTask(train, val, list(packages), desc, "stdlib")
+    return ClassifyTask(train, val, list(packages), desc, "stdlib", files)
 
 
 def _bytes(b: bytes) -> np.ndarray:
