@@ -89,3 +89,30 @@ def plot_losses(log_path: str, png_path: str, title: str = "") -> str | None:
     fig.tight_layout()
     fig.savefig(png_path)
     return png_path
+
+
+def plot_metric(logs: dict, key: str, png_path: str, title: str = "", baseline: float | None = None) -> str | None:
+    """One eval metric (an eval-row key, e.g. "accuracy") against step for several runs: logs maps a label to a
+    log.jsonl path. baseline: a horizontal reference line (e.g. the majority class's accuracy). Returns the path, or
+    None without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, path in logs.items():
+        points = {r["step"]: r[key] for r in read_log(path) if r.get("kind") == "eval" and key in r}
+        ax.plot(sorted(points), [points[s] for s in sorted(points)], "o-", ms=4, label=label)
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls="--", lw=1, label="majority class")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"val {key.replace('_', ' ')}")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    return png_path
