@@ -252,9 +252,9 @@ def _finetune(ns, dist: Dist, device: torch.device) -> dict:
         source = task.source
     else:
         dataset = gkdata.load(args.data, args.corpus_bytes, docs=args.docs != "concat")
-        if dataset.vocab_size > config.vocab_size:
-            raise TrainConfigError(f"--data {dataset.source}: vocab {dataset.vocab_size} does not fit the model's "
-                                   f"{config.vocab_size}")
+        if dataset.vocab_size == gkdata.BYTE_VOCAB and config.vocab_size != gkdata.BYTE_VOCAB:
+            raise TrainConfigError(f"--data {dataset.source}: text is read as bytes (vocab 256), but the model's vocab "
+                                   f"is {config.vocab_size}; give a .bin of its token ids")
         sampler = gkdata.make_sampler(dataset, args.docs, T, args.batch_size, args.seed, config.vocab_size)
         raw = body = GPT(config, backend=args.backend)
         extra = {"task": {"kind": "lm"}}

@@ -29,7 +29,7 @@ def measure_cpu_peak(sizes=(256, 512, 1024), seconds: float = 0.1) -> float:
     Not gptkernels.bench.roofline.measure, the benchmark's ceiling: it takes the p20 of one size (n = 1024 quick,
     2048 full) after timing a large copy. Side by side on that VM (1 thread, load average 3): this function read
     101-103 GFLOP/s in 0.38 s, roofline 72-92 (quick, 0.6-1.4 s) and 70-90 (full, 4.7-5.4 s), so switching would
-    raise every MFU by 10-45% and add seconds to each start."""
+    raise every MFU by 12-47% and add seconds to each start."""
     key = (tuple(sizes), torch.get_num_threads())
     if key not in _CPU_PEAK:
         best = 0.0
