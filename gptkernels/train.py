@@ -109,7 +109,7 @@ def train(args_or_config=None, **overrides) -> dict:
 
 def _train(ns, dist: _Dist, device: torch.device) -> dict:
     args, ckpt, ckpt_path = _resolve(ns, dist, device)
-    save_path = f"{args.out_dir}/{CKPT_NAME}"
+    save_path = os.path.join(args.out_dir, CKPT_NAME)
     if ckpt is None and os.path.exists(save_path):
         raise TrainConfigError(f"--out-dir {args.out_dir!r} already holds a checkpoint ({CKPT_NAME}); continue it with "
                                f"--resume or choose another --out-dir")
