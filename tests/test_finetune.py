@@ -208,3 +208,32 @@ def test_hf_sequence_classification_parity():
         got, _ = ours(x, last_non_pad(x, cfg.pad_token_id))
     assert last_non_pad(x, 0).tolist() == [14, 6, 0, 19]
     assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_hf_start_tokenizes_with_the_folders_tokenizer(tmp_path, jsonl):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([" ".join(w for ws in WORDS.values() for w in ws)] * 20, trainer)
+    folder = str(tmp_path / "hf")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(folder)
+    cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    m = finetune(TINY, model=None, block_size=None, hf=folder, data=jsonl[0], val=jsonl[1], out_dir=str(tmp_path / "r"))
+    assert m["config"]["vocab_size"] == 300 and m["eval"]["accuracy"] >= 0
+    e = finetune(eval_only=True, init_from=m["out_dir"], device="cpu", backend="cpu")  # the tokenizer from --hf again
+    assert e["accuracy"] == pytest.approx(m["eval"]["accuracy"])
+
+
+def test_default_start_is_the_newest_default_train_run(tmp_path, monkeypatch):
+    from gptkernels.finetune import default_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    assert default_checkpoint() is None
+    tiny = dict(TINY, steps=1, eval_steps=1, corpus_bytes=300_000)
+    train(tiny, model="mini", block_size=32, out_dir="runs/a")
+    train(tiny, out_dir="runs/b")  # newer, but the tiny preset: not the default run
+    assert default_checkpoint() == os.path.join("runs", "a", "ckpt.pt")
