@@ -200,7 +200,7 @@ def _classify_task(args, encode, classes=None) -> cdata.ClassifyTask:
         if args.val is not None:
             raise TrainConfigError("--val without --data: the default task has its own val split")
         return cdata.stdlib_task(encode=encode)
-    return cdata.jsonl_task(args.data, args.val, encode=(lambda s: encode(s)) if encode else None, classes=classes)
+    return cdata.jsonl_task(args.data, args.val, encode=encode, classes=classes)
 
 
 # ------------------------------------------------------------------------------------------------ fine-tune
@@ -213,6 +213,8 @@ def _finetune(ns, dist: Dist, device: torch.device) -> dict:
             ns.block_size = start.config.block_size
     defaults = {**DEFAULTS[device.type], **COMMON_DEFAULTS, **FT_DEFAULTS}
     args, ckpt, ckpt_path = resolve(ns, dist, device, defaults, presets=(*PRESETS, "hf"))
+    if args.task not in TASKS:
+        raise TrainConfigError(f"--task {args.task!r}: must be one of {', '.join(TASKS)}")
     if ckpt is not None and ckpt.get("task", {}).get("kind", "lm") != args.task:
         raise TrainConfigError(f"--task {args.task}: the checkpoint {ckpt_path} is a {ckpt['task']['kind']} run")
     save_path = os.path.join(args.out_dir, CKPT_NAME)
@@ -230,12 +232,12 @@ def _finetune(ns, dist: Dist, device: torch.device) -> dict:
     T = args.block_size
     if T > config.block_size:
         raise TrainConfigError(f"--block-size {args.block_size}: the model has {config.block_size} positions")
+    if not (isinstance(args.aux_lm, (int, float)) and 0 <= args.aux_lm < float("inf")):
+        raise TrainConfigError(f"--aux-lm {args.aux_lm!r}: must be a number >= 0 (0: no auxiliary LM loss)")
     if args.freeze is not None and args.freeze != "embeddings":
         if not (str(args.freeze).isdigit() and 1 <= int(args.freeze) <= config.n_layer):
             raise TrainConfigError(f"--freeze {args.freeze!r}: give embeddings or a number of blocks in "
                                    f"[1, {config.n_layer}]")
-    if args.task not in TASKS:
-        raise TrainConfigError(f"--task {args.task!r}: must be one of {', '.join(TASKS)}")
 
     torch.manual_seed(args.seed)  # the same head initialization on every rank
     extra, baseline, classes = {}, None, None
@@ -275,11 +277,12 @@ def _finetune(ns, dist: Dist, device: torch.device) -> dict:
 
     B, A, W = args.batch_size, args.grad_accum, dist.world
     flops_per_token = body.flops_per_token(T)
+    total = sum(p.numel() for p in raw.parameters())
     trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     banner = [f"start: {start.text}",
-              f"model {args.model}: {_describe(config)}: {body.num_params() / 1e6:.2f}M params, "
-              f"{trainable / 1e6:.2f}M trainable" + (f" ({len(frozen)} tensors frozen: --freeze {args.freeze})"
-                                                     if frozen else ""),
+              f"model {args.model}: {_describe(config)}: {total / 1e6:.2f}M params (head and position embedding "
+              f"included), {trainable / 1e6:.2f}M trainable" + (f" ({len(frozen)} tensors frozen: --freeze "
+                                                                f"{args.freeze})" if frozen else ""),
               f"task {args.task}" + (f": {len(classes)} classes, loss = CE + {args.aux_lm:g} x LM" if classes else ""),
               data_line,
               f"batch: {B} x <= {T} tokens x {A} accum; {args.steps} steps; {lr_summary(args)}"]
