@@ -237,3 +237,12 @@ def test_default_start_is_the_newest_default_train_run(tmp_path, monkeypatch):
     train(tiny, model="mini", block_size=32, out_dir="runs/a")
     train(tiny, out_dir="runs/b")  # newer, but the tiny preset: not the default run
     assert default_checkpoint() == os.path.join("runs", "a", "ckpt.pt")
+
+
+def test_eval_only_with_an_unknown_label_names_file_and_line(tmp_path, capsys, jsonl):
+    m = finetune(TINY, steps=1, data=jsonl[0], val=jsonl[1], out_dir=str(tmp_path / "run"))
+    bad = write_jsonl(tmp_path / "new.jsonl", [{"text": "apple fig", "label": "fruit"}, {"text": "x", "label": "car"}])
+    rc = cli_main(["finetune", "--threads", "1", "--eval-only", "--init-from", m["out_dir"], "--val", bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "new.jsonl, line 2: unknown label 'car'; the checkpoint's: color, fruit, tool" in err[0]
