@@ -18,9 +18,10 @@ Tasks:
 
 Everything else is train's (gptkernels/training/loop.py): AdamW, warmup + cosine, clipping, accumulation, progress
 bar, log.jsonl (eval rows add accuracy, macro_f1 and baseline_accuracy for classify), atomic ckpt.pt, exact
---resume, DDP. --freeze embeddings | N keeps the token and position embeddings (and the LM head tied to them) or the
-first N blocks fixed. --eval-only with --init-from a finetune checkpoint prints accuracy, macro-F1, the baseline and
-the confusion matrix on the val split.
+--resume, DDP (there the auxiliary LM loss is each rank's mean over its own tokens, averaged over the ranks, so it
+can differ from one process's, whose mean weighs every token of the batch alike). --freeze embeddings | N keeps the
+token and position embeddings (and the LM head tied to them) or the first N blocks fixed. --eval-only with
+--init-from a finetune checkpoint prints accuracy, macro-F1, the baseline and the confusion matrix on the val split.
 """
 
 from __future__ import annotations
