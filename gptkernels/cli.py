@@ -1,8 +1,9 @@
 """python -m gptkernels <command>: info (what this install contains and can run), bench (the benchmark suite),
-train (a GPT on the kernels), generate (sample from one), profile (inference latency side by side).
+train (a GPT on the kernels), finetune (classify texts or continue pre-training), generate (sample from one),
+profile (inference latency side by side).
 
-train, generate, profile and bench take --threads N (threads for torch and the C++ kernels); on a machine where
-other work holds cores they print a one-line hint at start. GPTKERNELS_BACKEND=<backend> is checked at start."""
+train, finetune, generate, profile and bench take --threads N (threads for torch and the C++ kernels); on a machine
+where other work holds cores they print a one-line hint at start. GPTKERNELS_BACKEND=<backend> is checked at start."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from gptkernels import _runtime
 # --threads and the shared start-up of gptkernels/_runtime.py.
 COMMANDS = (
     ("train", "train a GPT on the kernels (default: the Python stdlib sources, byte-level, CPU)"),
+    ("finetune", "fine-tune a GPT: classify texts (GPT-1's recipe) or continue pre-training (CPU default: 2 min)"),
     ("generate", "continue a prompt with a GPT (random, trained checkpoint or Hugging Face)"),
     ("profile", "inference latency: prefill and per-token decode, eager vs gptkernels vs compile"),
 )

@@ -78,21 +78,18 @@ def stdlib_corpus(max_bytes: int = DEFAULT_MAX_BYTES, docs: bool = False) -> Dat
 
     docs=False: each file followed by a newline. docs=True: each file preceded by BYTE_EOT (same sizes, same files),
     so every document starts with EOT and a model sees where one file ends and the next begins."""
-    root = sysconfig.get_paths()["stdlib"]
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"default corpus: the standard library folder {root!r} does not exist; pass --data")
+    root = stdlib_root()
     parts = {"train": [], "val": []}
     total = nfiles = 0
     eot = bytes([BYTE_EOT])
-    for path in _py_files(root):
+    for path in py_files(root):
         if total + os.path.getsize(path) + 1 > max_bytes:
             continue  # not break: the cap keeps the files that fit, whatever the size of one big file
         with open(path, "rb") as f:
             text = f.read()
         if docs and eot in text:
             raise DataError(f"default corpus: {path} contains a NUL byte, the document separator of --docs pack/pad")
-        rel = os.path.relpath(path, root).replace(os.sep, "/")
-        split = "val" if int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 10 == 0 else "train"
+        split = file_split(path, root)
         parts[split].append(eot + text if docs else text + b"\n")
         total += len(text) + 1
         nfiles += 1
@@ -105,7 +102,23 @@ def stdlib_corpus(max_bytes: int = DEFAULT_MAX_BYTES, docs: bool = False) -> Dat
     return Dataset(train, val, BYTE_VOCAB, desc, "stdlib", BYTE_EOT if docs else None)
 
 
-def _py_files(root: str):
+def file_split(path: str, root: str) -> str:
+    """"val" when the SHA-1 of the path relative to root (with / separators) is 0 mod 10, else "train": the rule of
+    the default corpus, which the fine-tuning task (gptkernels/classify_data.py) follows too, so a val file is never
+    trained on by either."""
+    rel = os.path.relpath(path, root).replace(os.sep, "/")
+    return "val" if int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 10 == 0 else "train"
+
+
+def stdlib_root() -> str:
+    root = sysconfig.get_paths()["stdlib"]
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"default corpus: the standard library folder {root!r} does not exist; pass --data")
+    return root
+
+
+def py_files(root: str):
+    """The .py files under root in sorted order, test folders skipped."""
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS)  # in place: os.walk descends in this order
         for name in sorted(files):

@@ -397,6 +397,20 @@ class GPT(nn.Module):
             w, b = w.to(h.dtype), (b.to(h.dtype) if b is not None else None)
         return None, _fp32(linear_cross_entropy(h, w, targets, bias=b, ignore_index=-1, backend=self.backend))
 
+    def hidden_states(self, idx):
+        """The final hidden states (B, T, C) of idx (B, T): after ln_f where the model has one, what lm_head reads.
+        For heads other than the LM head (sequence classification); plain rows only, no cache, no packing."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
+        h = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        if self.config.dropout and self.training:
+            h = F.dropout(h, self.config.dropout, True)
+        h = _cast(h, autocast_dtype(idx.device.type))
+        for i, block in enumerate(self.transformer.h):
+            h = block(h, None, i)
+        return self.transformer.ln_f(h) if self.config.final_norm else h
+
     def _packed_positions(self, idx, cache, cu_seqlens, max_seqlen, position_ids):
         """Checks the packing arguments (shapes and host ints only: no device sync) and returns the positions."""
         B, T = idx.shape

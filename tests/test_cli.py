@@ -67,7 +67,7 @@ def _unrunnable_backend():
 
 # -------------------------------------------------------------------------------------------- GPTKERNELS_BACKEND
 @pytest.mark.usefixtures("quiet_machine")
-@pytest.mark.parametrize("command", ["train", "generate", "profile", "bench"])
+@pytest.mark.parametrize("command", ["train", "finetune", "generate", "profile", "bench"])
 def test_backend_variable_that_cannot_run_is_one_line_and_exit_2(capsys, monkeypatch, command):
     bad = _unrunnable_backend()
     if bad is None:
@@ -79,7 +79,7 @@ def test_backend_variable_that_cannot_run_is_one_line_and_exit_2(capsys, monkeyp
 
 
 @pytest.mark.usefixtures("quiet_machine")
-@pytest.mark.parametrize("command", ["train", "generate", "profile", "bench"])
+@pytest.mark.parametrize("command", ["train", "finetune", "generate", "profile", "bench"])
 def test_invalid_backend_variable_names_the_variable_and_the_valid_values(capsys, monkeypatch, command):
     monkeypatch.setenv("GPTKERNELS_BACKEND", "foo")
     rc, out, err = _main(capsys, command)
@@ -202,7 +202,7 @@ def test_threads_must_be_positive(capsys):
 
 
 def test_every_model_command_takes_threads(capsys):
-    for command in ("train", "generate", "profile", "bench"):
+    for command in ("train", "finetune", "generate", "profile", "bench"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert "--threads N" in capsys.readouterr().out, command
@@ -267,7 +267,7 @@ def test_other_work_now_measures_something_sane():
 
 
 # ------------------------------------------------------------------------------------------- help and messages
-@pytest.mark.parametrize("command", ["", "info", "train", "generate", "profile", "bench"])
+@pytest.mark.parametrize("command", ["", "info", "train", "finetune", "generate", "profile", "bench"])
 def test_help_is_plain_text_without_internal_references(capsys, command):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"] if command else ["--help"])
@@ -400,3 +400,17 @@ def test_info_says_why_the_build_has_no_cuda(monkeypatch, capsys):
 def test_build_records_why_cuda_is_in_or_out():
     why = _dispatch.build_info().get("cuda_why")
     assert why and why != "built without setup.py", why
+
+
+# ---------------------------------------------------------------------------------------------------- finetune
+@pytest.mark.usefixtures("quiet_machine")
+def test_finetune_without_a_checkpoint_says_it_starts_from_random_weights(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    rows = [{"text": f"{w} {w} {i}", "label": w} for i in range(30) for w in ("spam", "eggs")]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = _main(capsys, "finetune", "--data", "t.jsonl", "--steps", "2", "--batch-size", "4", "--eval-every",
+                         "0", "--no-progress", "--device", "cpu", "--threads", "1")
+    assert rc == 0, err
+    assert "gptkernels finetune: device cpu (1 thread)" in out
+    assert "start: random weights (mini): no default train checkpoint under runs/; python -m gptkernels train" in out
+    assert re.search(r"val accuracy [0-9.]+ vs majority-class baseline 0\.500; macro-F1", out.splitlines()[-1])
