@@ -3,7 +3,7 @@
     python benchmarks/bench_cross_entropy.py [--tokens 4096,8192] [--vocab 50257] [--hidden 768] [--reps 5]
                                              [--tag NAME] [--out benchmarks/results/cpu]
 
-Problems (fp32, one thread: torch.set_num_threads(1) and OMP_NUM_THREADS=1 for the extension's OpenMP):
+Problems (fp32, --threads N threads, default 1: torch.set_num_threads and OMP_NUM_THREADS for the extension's OpenMP):
   cross_entropy         logits (N, V), targets (N,), reduction "mean":
                           eager  F.cross_entropy(x, t) + backward
                           gk.cpu gptkernels.cross_entropy(x, t, backend="cpu") + backward
@@ -22,7 +22,7 @@ high-water mark (the kernel's signal->maxrss, which clear_refs does not reset): 
 gigabytes of inputs it read 0 MB extra for every provider, so VmHWM is the number used.
 Formulas: cross_entropy moves at least 3*N*V*4 bytes (read the logits in the forward and again in the backward,
 write dlogits); linear_cross_entropy does 3 GEMMs of 2*N*V*C flops (logits, dh, dw). Ceilings measured in the same
-run, at one thread: a 256 MB copy (GB/s, read + write) and a 2048^3 fp32 matmul (GFLOP/s), from their p20.
+run, at the same thread count: a 256 MB copy (GB/s, read + write) and a 2048^3 fp32 matmul (GFLOP/s), from their p20.
 The 1-minute load average is recorded before and after: this is a shared 2-core VM, and the numbers move with it.
 """
 
@@ -37,6 +37,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+if "--threads" in sys.argv[:-1]:  # before torch loads: the extension's OpenMP reads it once
+    os.environ["OMP_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
@@ -131,7 +133,7 @@ def measure_memory(op, provider, n, v, c):
 
 def memory_in_subprocess(op, provider, n, v, c):
     cmd = [sys.executable, __file__, "--memory", op, provider, str(n), str(v), str(c)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
     ru, hwm = (float(s) for s in out.stdout.strip().splitlines()[-1].split())
     return ru, hwm
 
@@ -145,9 +147,10 @@ def main():
     ap.add_argument("--ops", default="cross_entropy,linear_cross_entropy")
     ap.add_argument("--tag", default="cross-entropy")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu"))
+    ap.add_argument("--threads", type=int, default=1, help="torch and OpenMP threads (default 1)")
     ap.add_argument("--memory", nargs=5, metavar=("OP", "PROVIDER", "N", "V", "C"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.memory:
         op, provider, n, v, c = args.memory
         print(*measure_memory(op, provider, int(n), int(v), int(c)))
@@ -156,7 +159,7 @@ def main():
     load_start = os.getloadavg()
     print(f"load average at start: {load_start}", flush=True)
     ceil = ceilings()
-    print(f"ceilings (1 thread): {ceil}", flush=True)
+    print(f"ceilings ({args.threads} thread(s)): {ceil}", flush=True)
     v, c = args.vocab, args.hidden
     rows = []
     for op in args.ops.split(","):
@@ -177,7 +180,7 @@ def main():
             for p in PROVIDERS:
                 q = quantiles(times[p])
                 row = {"op": op, "provider": p, "mode": "fwd+bwd", "shape": {"N": n, "V": v} | (
-                    {"C": c} if op != "cross_entropy" else {}), "dtype": "float32", "threads": 1,
+                    {"C": c} if op != "cross_entropy" else {}), "dtype": "float32", "threads": args.threads,
                        "ms_p20": round(q[0] * 1e3, 2), "ms_p50": round(q[1] * 1e3, 2), "ms_p80": round(q[2] * 1e3, 2),
                        "speedup_vs_eager": round(p50_eager / q[1], 3), "peak_mem_mb": round(mem[p], 1),
                        "peak_mem_vs_eager": round(mem[p] / mem["eager"], 4) if mem["eager"] > 0 else None,
@@ -197,7 +200,7 @@ def main():
         "python": platform.python_version(), "torch": torch.__version__, "gptkernels": gptkernels.__version__,
         "build_info": gptkernels.info()["build"], "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "threads": 1, "load_avg_start": load_start, "load_avg_end": load_end, "ceilings": ceil,
+        "threads": args.threads, "load_avg_start": load_start, "load_avg_end": load_end, "ceilings": ceil,
         "chunk_bytes": gptkernels.ops.cross_entropy._CHUNK_BYTES,
         "timer": "torch.utils.benchmark.Timer.timeit(1) per sample, providers alternating per round",
         "memory": "ru_maxrss after one fwd+bwd minus after input allocation and a high-water reset (clear_refs 5), "
