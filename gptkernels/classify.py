@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptkernels.model import _HF_CONVERTERS, GPT, GPTConfig, _hf_supported
+from gptkernels.model import _HF_CONVERTERS, GPT, GPTConfig, _hf_supported, adamw
 from gptkernels.ops.cross_entropy import linear_cross_entropy
 
 # model_type -> the transformers class of a sequence-classification model of that family.
@@ -64,12 +64,7 @@ class GPTClassifier(nn.Module):
         return logits, loss
 
     def configure_optimizer(self, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW on the trainable parameters, decay on matrices only (GPT.configure_optimizer's rule)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        extra = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+        return adamw(self, lr, weight_decay, betas, device_type)
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.gpt.flops_per_token(seq_len)

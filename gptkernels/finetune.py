@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +40,7 @@ from gptkernels import data as gkdata
 from gptkernels.classify import GPTClassifier, freeze
 from gptkernels.model import GPT, PRESETS, GPTConfig
 from gptkernels.training import loop
-from gptkernels.training.args import COMMON_DEFAULTS, TrainConfigError, namespace, resolve
+from gptkernels.training.args import COMMON_DEFAULTS, TrainConfigError, module_main, namespace, resolve, run_command
 from gptkernels.training.args import add_arguments as add_train_arguments
 from gptkernels.training.checkpoint import CKPT_NAME, CheckpointError, checkpoint_path, load_checkpoint, set_rng_state
 from gptkernels.training.dist import Dist, resolve_device
@@ -394,19 +393,13 @@ def _eval_only(ns, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def run(args) -> int:
-    """python -m gptkernels finetune: a bad argument, checkpoint or data file prints one line and returns 2."""
-    try:
-        finetune(args)
-    except (TrainConfigError, CheckpointError, gkdata.DataError, FileNotFoundError) as e:
-        print(f"gptkernels finetune: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """python -m gptkernels finetune: fine-tune with parsed arguments; a user mistake prints one line and returns 2."""
+    return run_command("finetune", finetune, args)
 
 
 def main(argv=None) -> int:
-    from gptkernels.cli import main as cli_main
-
-    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
+    """python -m gptkernels.finetune (and torchrun -m): the same as python -m gptkernels finetune."""
+    return module_main("finetune", argv)
 
 
 if __name__ == "__main__":

@@ -465,12 +465,7 @@ class GPT(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def configure_optimizer(self, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW with decay on matrices (dim >= 2) only; the fused CUDA implementation when on a GPU."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        extra = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+        return adamw(self, lr, weight_decay, betas, device_type)
 
     def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.transformer.wte.weight
@@ -570,6 +565,16 @@ _HF_CLASSES = {"openai-gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel", 
 _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _MASK_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(attention\.)?(masked_)?bias")  # old checkpoints' masks
+
+
+def adamw(module: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW over ``module``'s trainable parameters (frozen ones left out), with weight decay on matrices (dim >= 2)
+    only; the fused CUDA implementation on a GPU."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
 
 
 def _hf_supported() -> str:

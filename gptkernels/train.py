@@ -41,7 +41,6 @@ time since step 0, summed over resumed runs. MFU = flops_per_token * tokens/s / 
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
@@ -56,8 +55,10 @@ from gptkernels.training.args import (  # noqa: F401
     NOT_INHERITED,
     TrainConfigError,
     add_arguments,
+    module_main,
     namespace,
     parser,
+    run_command,
 )
 from gptkernels.training.args import model_config as _model_config
 from gptkernels.training.args import resolve as _resolve
@@ -171,20 +172,13 @@ def _train(ns, dist: _Dist, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def run(args) -> int:
-    """python -m gptkernels train: train with parsed arguments; a bad argument prints one line and returns 2."""
-    try:
-        train(args)
-    except (TrainConfigError, CheckpointError, gkdata.DataError, FileNotFoundError) as e:
-        print(f"gptkernels train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """python -m gptkernels train: train with parsed arguments; a user mistake prints one line and returns 2."""
+    return run_command("train", train, args)
 
 
 def main(argv=None) -> int:
     """python -m gptkernels.train (and torchrun -m gptkernels.train): the same as python -m gptkernels train."""
-    from gptkernels.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return module_main("train", argv)
 
 
 if __name__ == "__main__":

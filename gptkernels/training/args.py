@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 
 import torch
@@ -206,3 +207,23 @@ def model_config(ns, ckpt, vocab_size: int) -> GPTConfig:
                                 dropout=ns.dropout)
     except ValueError as e:
         raise TrainConfigError(f"--model {ns.model}: bad configuration: {e}") from None
+
+
+def run_command(name: str, fn, args) -> int:
+    """``fn(args)`` for ``python -m gptkernels <name>``: a user mistake (bad option, checkpoint or data file) prints
+    one line and returns 2 instead of a traceback."""
+    from gptkernels.training.checkpoint import CheckpointError
+
+    try:
+        fn(args)
+    except (TrainConfigError, CheckpointError, gkdata.DataError, FileNotFoundError) as e:
+        print(f"gptkernels {name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def module_main(name: str, argv=None) -> int:
+    """``python -m gptkernels.<name>`` (and torchrun -m): the same as ``python -m gptkernels <name>``."""
+    from gptkernels.cli import main as cli_main
+
+    return cli_main([name, *(sys.argv[1:] if argv is None else argv)])

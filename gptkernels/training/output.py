@@ -81,14 +81,7 @@ def plot_losses(log_path: str, png_path: str, title: str = "") -> str | None:
         ax.plot(sorted(train), [train[s] for s in sorted(train)], lw=1.2, label="train")
     if val:
         ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", ms=4, label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    return png_path
+    return _finish(fig, ax, "loss (nats / token)", title, png_path)
 
 
 def plot_metric(logs: dict, key: str, png_path: str, title: str = "", baseline: float | None = None) -> str | None:
@@ -108,8 +101,12 @@ def plot_metric(logs: dict, key: str, png_path: str, title: str = "", baseline: 
         ax.plot(sorted(points), [points[s] for s in sorted(points)], "o-", ms=4, label=label)
     if baseline is not None:
         ax.axhline(baseline, color="gray", ls="--", lw=1, label="majority class")
+    return _finish(fig, ax, f"val {key.replace('_', ' ')}", title, png_path)
+
+
+def _finish(fig, ax, ylabel: str, title: str, png_path: str) -> str:
     ax.set_xlabel("step")
-    ax.set_ylabel(f"val {key.replace('_', ' ')}")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
