@@ -64,7 +64,8 @@ def test_cli_writes_sane_json_csv_and_table(cli_run):
     for r in ok:
         assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"], r
         assert r["pct_roofline"] > 0 and r["speedup_vs_eager"] > 0
-        assert r["peak_mem_mb"] is None  # CPU: reported as unknown, never invented
+        # CPU: the resident high-water mark above the step's start where Linux can reset it, else unknown (None)
+        assert r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0
         assert r["err"] is not None and r["err"] <= r["err_bound"]
         assert r["dtype"] == "float32" and r["device"] == "cpu"
         if r["op"] == "attention":  # compute-bound: TFLOP/s by 4*B*H*T*T*D/2 (causal)
