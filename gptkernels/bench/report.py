@@ -165,7 +165,7 @@ def detail(result: dict) -> str:
         status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
         if r["status"] == "ok" and r["reason"]:
             status = "ok ⚠ " + r["reason"]
-        peak = DASH if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.1f}"
+        peak = DASH if r.get("peak_mem_mb") is None else sig(r["peak_mem_mb"])
         body.append(
             [
                 r["op"],
