@@ -311,7 +311,8 @@ def test_compare_comparable_runs_count_slower_rows():
         (
             {"load_avg_1m_end": 3.2},
             "indicative",
-            "new run measured under load (1-min load average 0.1 -> 3.2 on 2 cores): treat ratios as indicative",
+            "new run measured under load (1-min load average 0.1 -> 3.2 on 2 cores (this run's 1 thread included at "
+            "the end)): treat ratios as indicative",
         ),
     ],
 )
@@ -388,3 +389,12 @@ def test_verdict_names_a_peak_memory_difference_only_when_large():
     assert "memory: linear_cross_entropy fwd+bwd peak 0.10× eager's (largest shape 256x768x50257: 60 MB vs 600 MB" \
         in text
     assert "memory: layernorm" not in text
+
+
+def test_busy_counts_other_work_not_the_runs_own_threads():
+    """A 2-thread run on an idle 2-core machine ends with a load near 2: that is the run itself, not a busy machine."""
+    assert report.busy(_env(load_avg_1m=0.1, load_avg_1m_end=1.9, torch_threads=2)) is None
+    assert report.busy(_env(load_avg_1m=1.5, load_avg_1m_end=1.9, torch_threads=2)).startswith(
+        "1-min load average 1.5 -> 1.9 on 2 cores")
+    assert report.busy(_env(load_avg_1m=0.1, load_avg_1m_end=3.5, torch_threads=2)) is not None  # 1.5 from others
+    assert report.busy(_env(load_avg_1m=0.2, load_avg_1m_end=1.4, torch_threads=1)) is None

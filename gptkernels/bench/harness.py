@@ -344,10 +344,12 @@ def llc_bytes() -> int:
     return best or 32 << 20
 
 
-def rotation(problem: Problem, work_bytes: int) -> int:
-    """Input copies to cycle through: on CPU enough that one round moves >= 2x the last-level cache (at most 16,
-    and at most 1 GiB of copies); on CUDA 1 (do_bench flushes L2 itself)."""
+def rotation(problem: Problem, work_bytes: int, stream_bytes: int | None = None) -> int:
+    """Input copies to cycle through: on CPU enough that one round moves >= 2x the last-level cache (at most 64,
+    and at most 1 GiB of copies); on CUDA 1 (do_bench flushes L2 itself). work_bytes: one copy's size;
+    stream_bytes: what the lightest provider reads of it per call, when less (an int4 GEMV reads an eighth of what
+    its fp32 baseline does: its copies alone must overflow the cache too)."""
     if problem.device.type != "cpu" or work_bytes <= 0:
         return 1
-    want = math.ceil(2 * llc_bytes() / work_bytes)
-    return int(max(1, min(16, want, (1 << 30) // work_bytes)))
+    want = math.ceil(2 * llc_bytes() / max(1, min(work_bytes, stream_bytes or work_bytes)))
+    return int(max(1, min(64, want, (1 << 30) // work_bytes)))

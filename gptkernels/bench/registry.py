@@ -50,6 +50,9 @@ class OpSpec:
     modes: tuple[str, ...] = MODES  # the modes the op has (an inference-only op: ("fwd",))
     default_modes: tuple[str, ...] | None = None  # the modes of a run without --mode (None: the run's default)
     baselines: tuple[str, ...] = ("eager", "compile")  # built-in baseline providers that run it
+    # Bytes the lightest provider reads per call, when far less than the inputs (quantized weights): the CPU input
+    # rotation then overflows the cache for that provider too. None: the inputs' size (or ``bytes``) decides.
+    stream_bytes: Callable[[tuple, int], int] | None = None
 
     @property
     def metric(self) -> str:

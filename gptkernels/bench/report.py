@@ -119,10 +119,16 @@ def threads(env: dict) -> str:
 
 
 def busy(env: dict) -> str | None:
-    """Why a CPU run's timings shared the cores with other work (1-min load above half the cores), else None."""
-    load = [v for v in (env.get("load_avg_1m"), env.get("load_avg_1m_end")) if v is not None]
-    if env.get("device") == "cpu" and load and max(load) > 0.5 * (env.get("cpu_count") or 1):
-        return f"1-min load average {' -> '.join(f'{v:.1f}' for v in load)} on {env.get('cpu_count')} cores"
+    """Why a CPU run's timings shared the cores with other work, else None: the 1-min load average from other work
+    above half the cores. At the start that is the load itself; at the end the run's own threads are part of it (a
+    2-thread run on an idle 2-core machine ends near 2), so they are taken off first."""
+    start, end = env.get("load_avg_1m"), env.get("load_avg_1m_end")
+    own = env.get("torch_threads") or 1
+    others = [v for v in (start, None if end is None else max(0.0, end - own)) if v is not None]
+    if env.get("device") == "cpu" and others and max(others) > 0.5 * (env.get("cpu_count") or 1):
+        load = [v for v in (start, end) if v is not None]
+        return (f"1-min load average {' -> '.join(f'{v:.1f}' for v in load)} on {env.get('cpu_count')} cores "
+                f"(this run's {own} thread{'s' if own != 1 else ''} included at the end)")
     return None
 
 

@@ -114,7 +114,7 @@ def run_problem(p: Problem, cfg: Config, env: dict, gen: torch.Generator) -> lis
     sets = harness.make_sets(p, 1, gen)
     footprint = work if spec.metric == "gbps" else sum(
         v.numel() * v.element_size() for v in sets[0].kwargs.values() if isinstance(v, torch.Tensor))
-    k = harness.rotation(p, footprint)
+    k = harness.rotation(p, footprint, spec.stream_bytes(p.shape, p.elsize) if spec.stream_bytes else None)
     sets += harness.make_sets(p, k - 1, gen)
     ref = harness.reference(p, sets, gen)
     try:

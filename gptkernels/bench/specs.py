@@ -613,6 +613,7 @@ def _register_qlinear():
             eager=_qlinear_eager, kernel=_qlinear_kernel(bits, group),
             flops={"fwd": lambda shape: 2 * shape[0] * shape[1] * shape[2]}, formula={"fwd": "2*M*N*K"},
             modes=("fwd",), baselines=("eager",),
+            stream_bytes=(lambda shape, e, bits=bits: shape[1] * shape[2] * bits // 8 + shape[0] * shape[2] * e),
         ), replace=True)
     register_provider("qlinear_int8", _int8pack_provider())
 
