@@ -385,10 +385,14 @@ def test_verdict_names_a_peak_memory_difference_only_when_large():
         mem(_row("layernorm", "eager", "fwd", 1.0), 10.0),
         mem(_row("layernorm", "gptkernels-cpu", "fwd", 0.5), 9.0),
     ]
+    rows += [mem(_row("mlp", "eager", "bwd", 2.0), 36.0), mem(_row("mlp", "gptkernels-cpu", "bwd", 2.0), 57.0)]
     text = report.verdict(_result(rows))
     assert "memory: linear_cross_entropy fwd+bwd peak 0.10× eager's (largest shape 256x768x50257: 60 MB vs 600 MB" \
         in text
     assert "memory: layernorm" not in text
+    # bwd rows: the graph was built before, so what the forward saved is not in the number; the line says so
+    assert "memory: mlp bwd peak 1.6× eager's (largest shape 1024x768: 57 MB vs 36 MB, above the inputs and what " \
+        "the forward saved)" in text
 
 
 def test_busy_counts_other_work_not_the_runs_own_threads():
