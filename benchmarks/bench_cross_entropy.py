@@ -49,6 +49,7 @@ from torch.utils import benchmark  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gptkernels  # noqa: E402
 from gptkernels.bench.env import cpu_model, git_sha  # noqa: E402
+from gptkernels.bench.harness import _proc_status_kb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = ("eager", "gk.cpu")
@@ -110,11 +111,7 @@ def ceilings(reps=7):
 
 
 def _vm_hwm_kib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+    return _proc_status_kb("VmHWM") or 0
 
 
 def measure_memory(op, provider, n, v, c):

@@ -1,7 +1,7 @@
 """What every op file shares: custom-op registration with fakes, kernel-op lookup, the eager fast path's pieces,
 the additive mask, and calling an autograd.Function only when a gradient can flow.
 
-An op file (``gptkernels/ops/<stem>.py``) registers its Triton custom ops with :func:`triton_op`, the fakes of its
+An op file (``gptkernels/ops/<stem>.py``) registers its Triton custom ops with :func:`python_op`, the fakes of its
 C++ ops with :func:`register_cpp_fakes`, and looks kernels up with :func:`kernel_op`. In eager mode a Triton op is
 its Python launcher called directly (the custom-op wrapper costs host time and adds nothing there); torch.compile
 and opcheck see the registered op.
@@ -53,9 +53,6 @@ def python_op(name: str, fake):
         return fn
 
     return register
-
-
-triton_op = python_op  # the Triton ops' name for it
 
 
 def register_cpp_fakes(fakes: dict) -> bool:

@@ -169,7 +169,7 @@ def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
     return q.new_empty(q.shape)
 
 
-@_common.triton_op("attention_fwd_triton", _fwd_fake)
+@_common.python_op("attention_fwd_triton", _fwd_fake)
 def _attention_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, alibi: torch.Tensor | None,
     scale: float, window_left: int, window_right: int, bottom_right: bool, softcap: float, dropout_p: float, seed: int,
@@ -180,7 +180,7 @@ def _attention_fwd_triton(
                                  dropout_p, seed)
 
 
-@_common.triton_op("attention_bwd_triton", _bwd_fake)
+@_common.python_op("attention_bwd_triton", _bwd_fake)
 def _attention_bwd_triton(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     mask: torch.Tensor | None, alibi: torch.Tensor | None, scale: float, window_left: int, window_right: int,
@@ -192,7 +192,7 @@ def _attention_bwd_triton(
                                  softcap, dropout_p, seed)
 
 
-@_common.triton_op("decode_attention_triton", _decode_fake)
+@_common.python_op("decode_attention_triton", _decode_fake)
 def _decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float,
     num_splits: int,
@@ -745,7 +745,7 @@ def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, s
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@_common.triton_op("attention_varlen_fwd_triton", _varlen_fwd_fake)
+@_common.python_op("attention_varlen_fwd_triton", _varlen_fwd_fake)
 def _attention_varlen_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
     alibi: torch.Tensor | None, scale: float, window_left: int, window_right: int, bottom_right: bool, softcap: float,
@@ -757,7 +757,7 @@ def _attention_varlen_fwd_triton(
                                         bottom_right, softcap, dropout_p, seed)
 
 
-@_common.triton_op("attention_varlen_bwd_triton", _varlen_bwd_fake)
+@_common.python_op("attention_varlen_bwd_triton", _varlen_bwd_fake)
 def _attention_varlen_bwd_triton(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, alibi: torch.Tensor | None, scale: float,

@@ -122,7 +122,7 @@ def _fwd_bwd_fake(logits, target, dloss, ignore_index, label_smoothing, z_loss, 
     return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
 
-@_common.triton_op("cross_entropy_fwd_triton", _fwd_fake)
+@_common.python_op("cross_entropy_fwd_triton", _fwd_fake)
 def _ce_fwd_triton(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float,
                    z_loss: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     from gptkernels.triton import cross_entropy as tl_ce
@@ -130,7 +130,7 @@ def _ce_fwd_triton(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     return tl_ce.cross_entropy_fwd(logits, target, ignore_index, label_smoothing, z_loss, softcap)
 
 
-@_common.triton_op("cross_entropy_bwd_triton", _bwd_fake)
+@_common.python_op("cross_entropy_bwd_triton", _bwd_fake)
 def _ce_bwd_triton(dloss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
                    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> torch.Tensor:
     from gptkernels.triton import cross_entropy as tl_ce
@@ -248,8 +248,8 @@ def _register_lce(backend):
                            need_dw, need_db, backend)[1:]
 
     if backend == "triton":
-        _common.triton_op("linear_cross_entropy_fwd_triton", _lce_fwd_fake)(fwd)
-        _common.triton_op("linear_cross_entropy_bwd_triton", _lce_bwd_fake)(bwd)
+        _common.python_op("linear_cross_entropy_fwd_triton", _lce_fwd_fake)(fwd)
+        _common.python_op("linear_cross_entropy_bwd_triton", _lce_bwd_fake)(bwd)
         return
     _common.python_op("linear_cross_entropy_fwd", _lce_fwd_fake)(fwd)
     _common.python_op("linear_cross_entropy_bwd", _lce_bwd_fake)(bwd)

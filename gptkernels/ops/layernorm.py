@@ -60,7 +60,7 @@ def _bwd_fake(dy, dh, hin, weight, mean, rstd, has_bias, rms):
     return torch.empty_like(hin), hin.new_empty(n, dtype=torch.float32), db
 
 
-@_common.triton_op("layernorm_fwd_triton", _fwd_fake)
+@_common.python_op("layernorm_fwd_triton", _fwd_fake)
 def _layernorm_fwd_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float,
     rms: bool,
@@ -75,7 +75,7 @@ def _layernorm_fwd_triton(
             mean if rms else mean.view(stats), rstd.view(stats))
 
 
-@_common.triton_op("layernorm_bwd_triton", _bwd_fake)
+@_common.python_op("layernorm_bwd_triton", _bwd_fake)
 def _layernorm_bwd_triton(
     dy: torch.Tensor, dh: torch.Tensor | None, hin: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor, has_bias: bool, rms: bool,

@@ -108,7 +108,7 @@ def _silu_mul_bwd_fake(dp, g, u, want_p):
     return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g) if want_p else g.new_empty(0)
 
 
-@_common.triton_op("bias_gelu_fwd_triton", _bias_gelu_fwd_fake)
+@_common.python_op("bias_gelu_fwd_triton", _bias_gelu_fwd_fake)
 def _bias_gelu_fwd_triton(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     from gptkernels.triton import mlp as tl_mlp
 
@@ -116,7 +116,7 @@ def _bias_gelu_fwd_triton(x: torch.Tensor, bias: torch.Tensor | None, activation
     return y.view(x.shape)
 
 
-@_common.triton_op("bias_gelu_bwd_triton", _bias_gelu_bwd_fake)
+@_common.python_op("bias_gelu_bwd_triton", _bias_gelu_bwd_fake)
 def _bias_gelu_bwd_triton(
     dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str, want_dbias: bool, want_y: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,14 +129,14 @@ def _bias_gelu_bwd_triton(
     return dx.view(x.shape), db, y.view(x.shape) if want_y else y
 
 
-@_common.triton_op("silu_mul_fwd_triton", _silu_mul_fwd_fake)
+@_common.python_op("silu_mul_fwd_triton", _silu_mul_fwd_fake)
 def _silu_mul_fwd_triton(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     from gptkernels.triton import mlp as tl_mlp
 
     return tl_mlp.silu_mul_fwd(g, u)
 
 
-@_common.triton_op("silu_mul_bwd_triton", _silu_mul_bwd_fake)
+@_common.python_op("silu_mul_bwd_triton", _silu_mul_bwd_fake)
 def _silu_mul_bwd_triton(
     dp: torch.Tensor, g: torch.Tensor, u: torch.Tensor, want_p: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,7 +172,7 @@ def _matmul_dswiglu_fake(a, b, g, u, want_p):
     return a.new_empty(m, n), a.new_empty(m, n), a.new_empty((m, n) if want_p else 0)
 
 
-@_common.triton_op("matmul_act_fwd_triton", _matmul_act_fake)
+@_common.python_op("matmul_act_fwd_triton", _matmul_act_fake)
 def _matmul_act_fwd_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                            residual: torch.Tensor | None, activation: str,
                            save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +182,7 @@ def _matmul_act_fwd_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor 
     return out if save_pre else (out, a.new_empty(0))
 
 
-@_common.triton_op("matmul_act_bwd_triton", _matmul_dact_fake)
+@_common.python_op("matmul_act_bwd_triton", _matmul_dact_fake)
 def _matmul_act_bwd_triton(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, activation: str, want_act: bool,
                            want_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import matmul as tl_mm
@@ -190,7 +190,7 @@ def _matmul_act_bwd_triton(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, 
     return tl_mm.matmul_dact(a, b, pre, activation, want_act, want_dbias)
 
 
-@_common.triton_op("matmul_swiglu_fwd_triton", _matmul_swiglu_fake)
+@_common.python_op("matmul_swiglu_fwd_triton", _matmul_swiglu_fake)
 def _matmul_swiglu_fwd_triton(a: torch.Tensor, b_gate: torch.Tensor,
                               b_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import matmul as tl_mm
@@ -198,7 +198,7 @@ def _matmul_swiglu_fwd_triton(a: torch.Tensor, b_gate: torch.Tensor,
     return tl_mm.matmul_swiglu(a, b_gate, b_up)
 
 
-@_common.triton_op("matmul_swiglu_bwd_triton", _matmul_dswiglu_fake)
+@_common.python_op("matmul_swiglu_bwd_triton", _matmul_dswiglu_fake)
 def _matmul_swiglu_bwd_triton(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
                               want_p: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkernels.triton import matmul as tl_mm

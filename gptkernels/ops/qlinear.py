@@ -175,7 +175,7 @@ def _qlinear_fake(x, qweight, scales, bias, group_size, bits, dequant):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
-@_common.triton_op("qlinear_fwd_triton", _qlinear_fake)
+@_common.python_op("qlinear_fwd_triton", _qlinear_fake)
 def _qlinear_fwd_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                         group_size: int, bits: int, dequant: bool) -> torch.Tensor:
     from gptkernels.triton import qlinear as tl_qlinear

@@ -81,14 +81,14 @@ def _bwd_fake(y, dy, scale, mask_grad):
     return y.new_empty(y.shape), dz
 
 
-@_common.triton_op("softmax_fwd_triton", _fwd_fake)
+@_common.python_op("softmax_fwd_triton", _fwd_fake)
 def _softmax_fwd_triton(x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
     from gptkernels.triton import softmax as tl_sm
 
     return tl_sm.softmax_fwd(x, mask, scale, causal)
 
 
-@_common.triton_op("softmax_bwd_triton", _bwd_fake)
+@_common.python_op("softmax_bwd_triton", _bwd_fake)
 def _softmax_bwd_triton(
     y: torch.Tensor, dy: torch.Tensor, scale: float, mask_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
